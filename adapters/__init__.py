@@ -1,0 +1,17 @@
+"""Registry: HF `config.model_type` -> the adapter (one file per model family)."""
+
+from __future__ import annotations
+
+from adapters.base import Adapter
+from adapters.llama import CausalLMAdapter
+
+ADAPTERS: list[type[Adapter]] = [CausalLMAdapter]
+
+
+def adapter_for(model_type: str) -> type[Adapter]:
+    """The adapter class serving a model type; one clear error for unknown ones."""
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls
+    known = sorted(t for cls in ADAPTERS for t in cls.model_types)
+    raise ValueError(f"unknown model type {model_type!r}: no adapter; supported: {', '.join(known)}")

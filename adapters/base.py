@@ -1,0 +1,89 @@
+"""The adapter contract: what one model family provides so that every memory policy runs on it.
+
+An adapter owns a Hugging Face model and knows how to feed it (tokens, video frames, RL steps).
+It must:
+
+1. route every self-attention layer through `transfer.memory.memory_attention`
+   (`install_memory_attention` does this for any model that uses transformers' `AttentionInterface`;
+   each such module has `layer_idx`). The model's own SDPA/flash path stays in charge outside a memory;
+2. give the memory the *post-positional* queries and the full cached keys/values of each layer: this
+   is exactly what transformers passes to an attention function, so families on the interface get it
+   for free;
+3. keep positions right after eviction: pass absolute `position_ids` (or the family's own time
+   embedding) computed from tokens *seen*, never from the cache length, since the cache shrinks;
+4. feed inputs through `feed()`, which splits them so that no forward crosses an update boundary
+   and announces each chunk (with its padding mask) to the memory.
+
+Nothing in an adapter knows which policy runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from transfer.memory import ATTN_IMPLEMENTATION, KVMemory, register_attention
+
+
+def install_memory_attention(model: PreTrainedModel) -> None:
+    """Select our attention function on the model (and all its sub-models)."""
+    register_attention()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+class Adapter:
+    """Base class: one subclass per model family (one file each in adapters/)."""
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()  # HF config.model_type values this adapter serves
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model.eval()
+        install_memory_attention(self.model)
+
+    # -- what the memory needs to know about the model ------------------------------------------
+    @property
+    def text_config(self) -> Any:
+        """Config of the decoder whose KV cache is managed (the LM of a VLM)."""
+        config = self.model.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def new_memory(self, policy: Any, update_interval: int = 512, **kwargs: Any) -> KVMemory:
+        """An empty cache for one batch of sequences, managed by `policy`."""
+        return KVMemory(policy, DynamicCache(config=self.text_config), update_interval=update_interval, **kwargs)
+
+    # -- feeding ------------------------------------------------------------------------------------
+    def feed(
+        self,
+        memory: KVMemory,
+        n_tokens: int,
+        forward: Callable[[int, int, torch.Tensor], Any],
+        valid: torch.Tensor | None = None,
+        max_chunk: int = 512,
+    ) -> Any:
+        """Run `forward(start, end, position_ids)` over [0, n_tokens) in update-aligned chunks.
+
+        valid (batch, n_tokens) marks padding; position_ids (batch, chunk) count valid tokens seen,
+        so they stay absolute after eviction and skip left padding. Returns the last forward's output.
+        """
+        batch = valid.shape[0] if valid is not None else 1
+        if valid is None:
+            valid = torch.ones(batch, n_tokens, dtype=torch.bool, device=self.device)
+        out, start = None, 0
+        for size in memory.chunk_sizes(n_tokens, max_chunk):
+            end = start + size
+            chunk_valid = valid[:, start:end]
+            seen = memory.n_seen if memory.n_seen is not None else torch.zeros(batch, dtype=torch.long)
+            positions = (seen.to(chunk_valid.device)[:, None] + chunk_valid.long().cumsum(1) - 1).clamp(min=0)
+            memory.begin_chunk(size, chunk_valid)
+            with memory.active(), torch.no_grad():
+                out = forward(start, end, positions)
+            start = end
+        return out

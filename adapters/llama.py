@@ -1,0 +1,76 @@
+"""Llama-family causal LMs (Llama, Mistral, Qwen2, ...): chunked prefill and greedy decoding.
+
+Everything these models share goes through transformers' attention interface, so the family code is
+only: which token ids go in, with which absolute positions, and how to pick the next token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from adapters.base import Adapter
+from transfer.memory import KVMemory
+
+
+class CausalLMAdapter(Adapter):
+    family: ClassVar[str] = "causal_lm"
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+
+    @classmethod
+    def from_pretrained(cls, id_or_path: str, device: str = "cpu", dtype: Any = None) -> CausalLMAdapter:
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(id_or_path, dtype=dtype)
+        return cls(model.to(device))
+
+    def prefill(
+        self,
+        memory: KVMemory,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        chunk_size: int = 512,
+    ) -> torch.Tensor:
+        """Feed a (left-padded) prompt; returns the next-token logits (batch, vocab)."""
+        input_ids = input_ids.to(self.device)
+        valid = None if attention_mask is None else attention_mask.to(self.device).bool()
+
+        def forward(start: int, end: int, positions: torch.Tensor) -> torch.Tensor:
+            out = self.model(
+                input_ids=input_ids[:, start:end],
+                position_ids=positions,
+                past_key_values=memory.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            return out.logits[:, -1].float()
+
+        return self.feed(memory, input_ids.shape[1], forward, valid, chunk_size)
+
+    def generate(
+        self,
+        memory: KVMemory,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | None = None,
+        chunk_size: int = 512,
+    ) -> torch.Tensor:
+        """Greedy decoding after a chunked prefill; the policy keeps running every update_interval tokens.
+
+        Returns (batch, <= max_new_tokens) new token ids; rows that hit EOS are padded with EOS.
+        """
+        logits = self.prefill(memory, input_ids, attention_mask, chunk_size)
+        batch = logits.shape[0]
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        new_tokens = []
+        for _ in range(max_new_tokens):
+            token = logits.argmax(-1)  # (batch,)
+            if eos_token_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_token_id), token)
+                done |= token == eos_token_id
+            new_tokens.append(token)
+            if bool(done.all()) or len(new_tokens) == max_new_tokens:
+                break
+            logits = self.prefill(memory, token[:, None], torch.ones_like(token[:, None], dtype=torch.bool))
+        return torch.stack(new_tokens, dim=1)

@@ -1,0 +1,331 @@
+"""The memory manager: sits inside every attention layer, keeps the KV cache under a memory policy.
+
+One `KVMemory` serves one batch of sequences. The adapter feeds tokens in chunks (`begin_chunk`) and
+runs the model's forward under `memory.active()`; transformers then calls `memory_attention` (our
+registered attention function) once per layer with the post-positional queries and the full cached
+keys/values. There we
+
+1. compute the layer's attention output ourselves with SDPA and a mask built from *slot indices*
+   (causal by absolute token order, padding masked), because after eviction the cache no longer lines
+   up with HF's own mask; the model never needs eager attention;
+2. buffer the chunk's queries; every `update_interval` tokens we compute the attention slice the
+   policy needs (buffered queries x cached keys, GQA-averaged), ask the policy which tokens to keep,
+   and gather K/V/slots in place.
+
+Rotary or learned positions are the adapter's business (it passes absolute position ids); eviction
+never re-rotates keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ATTN_IMPLEMENTATION = "namm_transfer"
+_ACTIVE: contextvars.ContextVar[KVMemory | None] = contextvars.ContextVar("namm_memory", default=None)
+
+
+@dataclass
+class LayerView:
+    """What a policy sees of one layer at one update."""
+
+    layer: int
+    keys: torch.Tensor  # (batch, kv_heads, n_keys, head_dim), post-positional
+    slots: torch.Tensor  # (batch, kv_heads, n_keys) absolute token index of each cached key
+    valid: torch.Tensor  # (batch, kv_heads, n_keys) False for padding (and masked-out tokens)
+    n_new: int  # keys added since the last update (the last n_new of the cache)
+    n_seen: torch.Tensor  # (batch,) valid tokens fed so far
+    attn: torch.Tensor | None = None  # (batch, kv_heads, n_new, n_keys), only if policy.needs_attention
+
+    def budget_tokens(self, budget: float | int) -> int:
+        """A budget in tokens (int >= 1) or as a fraction of the tokens seen (0 < float <= 1)."""
+        if isinstance(budget, float) and budget <= 1.0:
+            return max(1, math.ceil(budget * int(self.n_seen.max())))
+        return int(budget)
+
+
+@dataclass
+class _LayerState:
+    slots: torch.Tensor  # (batch, kv_heads, n_keys)
+    valid: torch.Tensor  # (batch, kv_heads, n_keys)
+    queries: list[torch.Tensor] = field(default_factory=list)  # [(batch, q_heads, n, head_dim)]
+    query_slots: list[torch.Tensor] = field(default_factory=list)  # [(batch, n)]
+    query_valid: list[torch.Tensor] = field(default_factory=list)  # [(batch, n)]
+    n_new: int = 0
+    policy_state: Any = None
+
+
+class KVMemory:
+    """KV cache + policy + schedule for one batch of sequences.
+
+    evict="gather" physically removes evicted entries (the real thing); evict="mask" keeps them and
+    masks them out of attention, which the tests use as the exactness reference.
+    """
+
+    def __init__(
+        self,
+        policy: Any,
+        cache: Any,
+        update_interval: int = 512,
+        evict: str = "gather",
+        record: bool = False,
+    ) -> None:
+        if update_interval <= 0 or update_interval % 16:
+            raise ValueError(f"update_interval must be a positive multiple of 16 (the STFT hop), got {update_interval}")
+        if evict not in ("gather", "mask"):
+            raise ValueError(f"evict must be 'gather' or 'mask', got {evict!r}")
+        self.policy = policy
+        self.cache = cache
+        self.update_interval = update_interval
+        self.evict = evict
+        self.layers: dict[int, _LayerState] = {}
+        self.n_fed = 0  # slots fed per row, padding included
+        self.n_seen: torch.Tensor | None = None  # (batch,) valid tokens fed
+        self.kept_log: list[float] = []  # kept/seen after each layer update
+        self.record = record
+        self.history: list[tuple[int, torch.Tensor]] = []  # (layer, kept slots (batch, kv_heads, n_keep))
+        self._chunk_slots: torch.Tensor | None = None
+        self._chunk_valid: torch.Tensor | None = None
+        self._update_due = False
+
+    # ---------------------------------------------------------------- feeding
+    def chunk_sizes(self, n_tokens: int, max_chunk: int) -> list[int]:
+        """Split n_tokens into chunks <= max_chunk that end exactly on update boundaries."""
+        sizes, fed = [], self.n_fed
+        while n_tokens > 0:
+            to_boundary = self.update_interval - fed % self.update_interval
+            size = min(max_chunk, n_tokens, to_boundary)
+            sizes.append(size)
+            fed += size
+            n_tokens -= size
+        return sizes
+
+    def begin_chunk(self, n_new: int, valid: torch.Tensor | None = None, device: Any = None) -> None:
+        """Announce the next forward: n_new tokens per row, valid (batch, n_new) False for padding."""
+        to_boundary = self.update_interval - self.n_fed % self.update_interval
+        if n_new > to_boundary:
+            raise ValueError(
+                f"chunk of {n_new} tokens crosses an update boundary ({to_boundary} left); split with chunk_sizes()"
+            )
+        if valid is None:
+            batch = 1 if self.n_seen is None else self.n_seen.shape[0]
+            valid = torch.ones(batch, n_new, dtype=torch.bool, device=device)
+        valid = valid.bool()
+        self._chunk_slots = (self.n_fed + torch.arange(n_new, device=valid.device)).expand(valid.shape[0], -1)
+        self._chunk_valid = valid
+        self.n_seen = valid.sum(1) if self.n_seen is None else self.n_seen + valid.sum(1)
+        self.n_fed += n_new
+        self._update_due = self.n_fed % self.update_interval == 0
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[KVMemory]:
+        """Route the model's attention through this memory for the duration of a forward."""
+        token = _ACTIVE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE.reset(token)
+
+    # ---------------------------------------------------------------- attention
+    def attend(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """Attention output of one layer for the current chunk; runs the policy when an update is due.
+
+        query (batch, q_heads, n, d); key/value (batch, kv_heads, n_keys, d) already hold this chunk.
+        Returns (batch, n, q_heads, d) like transformers' attention functions.
+        """
+        if self._chunk_slots is None:
+            raise RuntimeError("KVMemory.begin_chunk() must be called before each forward")
+        b, hq, n, d = query.shape
+        h = key.shape[1]
+        q_slots, q_valid = self._chunk_slots, self._chunk_valid  # (batch, n)
+        new_slots = q_slots[:, None, :].expand(b, h, n)
+        new_valid = q_valid[:, None, :].expand(b, h, n)
+        st = self.layers.get(layer)
+        if st is None:
+            st = self.layers[layer] = _LayerState(slots=new_slots, valid=new_valid)
+        else:
+            st.slots = torch.cat([st.slots, new_slots], dim=-1)
+            st.valid = torch.cat([st.valid, new_valid], dim=-1)
+        if st.slots.shape[-1] != key.shape[2]:
+            raise RuntimeError(
+                f"layer {layer}: cache holds {key.shape[2]} keys but the memory tracks {st.slots.shape[-1]}; "
+                "was the cache modified outside the memory?"
+            )
+        mask = _slot_mask(st.slots, st.valid, q_slots)  # (batch, kv_heads, n, n_keys)
+        out = _grouped_sdpa(query, key, value, mask, scaling)
+        st.queries.append(query)
+        st.query_slots.append(q_slots)
+        st.query_valid.append(q_valid)
+        st.n_new += n
+        if self._update_due:
+            self._update_layer(layer, st, key, value, scaling)
+        return out
+
+    # ---------------------------------------------------------------- update
+    def _update_layer(
+        self, layer: int, st: _LayerState, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> None:
+        attn = None
+        if getattr(self.policy, "needs_attention", False):
+            queries = torch.cat(st.queries, dim=2)  # (batch, q_heads, n_new, d)
+            q_slots = torch.cat(st.query_slots, dim=1)  # (batch, n_new)
+            q_valid = torch.cat(st.query_valid, dim=1)
+            attn = attention_slice(queries, key, st.slots, st.valid, q_slots, q_valid, scaling)
+        view = LayerView(
+            layer=layer, keys=key, slots=st.slots, valid=st.valid, n_new=st.n_new, n_seen=self.n_seen, attn=attn
+        )
+        keep, st.policy_state = self.policy.update(view, st.policy_state)
+        st.queries, st.query_slots, st.query_valid, st.n_new = [], [], [], 0
+        if keep is not None and keep.shape[-1] < key.shape[2]:
+            if self.evict == "gather":
+                cache_layer = self.cache.layers[layer]
+                idx = keep[..., None].expand(-1, -1, -1, key.shape[-1])
+                cache_layer.keys = key.gather(2, idx)
+                cache_layer.values = value.gather(2, idx)
+                st.slots = st.slots.gather(2, keep)
+                st.valid = st.valid.gather(2, keep)
+            else:
+                st.valid = st.valid & torch.zeros_like(st.valid).scatter_(2, keep, True)
+        if self.record:
+            kept = st.slots.masked_fill(~st.valid, -1) if self.evict == "mask" else st.slots
+            self.history.append((layer, kept))
+        n_valid = st.valid.sum(-1).float().mean()  # mean over batch and heads
+        self.kept_log.append(float(n_valid / self.n_seen.float().mean()))
+
+    # ---------------------------------------------------------------- bookkeeping
+    def kept_fraction(self) -> float:
+        """Mean kept/seen over all layer updates (1.0 when no update ran)."""
+        return sum(self.kept_log) / len(self.kept_log) if self.kept_log else 1.0
+
+    def cache_tokens(self) -> list[int]:
+        """Physical cache length per layer."""
+        return [int(layer.keys.shape[-2]) for layer in self.cache.layers if layer.keys is not None]
+
+    def snapshot(self) -> dict:
+        """Cheap restorable state (tensors are never modified in place, only replaced)."""
+        return {
+            "kv": [(layer.keys, layer.values) for layer in self.cache.layers],
+            "layers": {
+                i: _LayerState(
+                    s.slots, s.valid, list(s.queries), list(s.query_slots), list(s.query_valid), s.n_new,
+                    s.policy_state,
+                )
+                for i, s in self.layers.items()
+            },
+            "n_fed": self.n_fed,
+            "n_seen": self.n_seen,
+            "kept_log": list(self.kept_log),
+        }
+
+    def restore(self, snap: dict) -> None:
+        """Return to a snapshot, e.g. to answer the next question from the same compressed context."""
+        for layer, (k, v) in zip(self.cache.layers, snap["kv"]):
+            layer.keys, layer.values = k, v
+        self.layers = {
+            i: _LayerState(
+                s.slots, s.valid, list(s.queries), list(s.query_slots), list(s.query_valid), s.n_new, s.policy_state
+            )
+            for i, s in snap["layers"].items()
+        }
+        self.n_fed, self.n_seen, self.kept_log = snap["n_fed"], snap["n_seen"], list(snap["kept_log"])
+
+
+def _slot_mask(slots: torch.Tensor, valid: torch.Tensor, q_slots: torch.Tensor) -> torch.Tensor:
+    """(batch, kv_heads, n_q, n_keys) bool: key not newer than the query and valid.
+
+    A key may always see itself, so padding queries (no valid key) never produce NaN rows.
+    """
+    k = slots[:, :, None, :]  # (batch, kv_heads, 1, n_keys)
+    q = q_slots[:, None, :, None]  # (batch, 1, n_q, 1)
+    return ((k <= q) & valid[:, :, None, :]) | (k == q)
+
+
+def _grouped_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """SDPA with a per-KV-head mask: fold KV heads into the batch so the mask broadcasts over the group."""
+    b, hq, n, d = query.shape
+    h, nk = key.shape[1], key.shape[2]
+    g = hq // h
+    q = query.reshape(b * h, g, n, d)
+    k = key.reshape(b * h, 1, nk, d)
+    v = value.reshape(b * h, 1, nk, value.shape[-1])
+    m = mask.reshape(b * h, 1, n, nk)
+    if g > 1:
+        k, v = k.expand(-1, g, -1, -1), v.expand(-1, g, -1, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling)  # (b*h, g, n, d)
+    return out.reshape(b, hq, n, -1).transpose(1, 2).contiguous()
+
+
+def attention_slice(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    slots: torch.Tensor,
+    valid: torch.Tensor,
+    q_slots: torch.Tensor,
+    q_valid: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Row-softmax attention of the buffered queries over the cached keys, averaged over each KV group.
+
+    Exactly the probabilities the model used (fp32 softmax, causal by slot, padding masked), as the
+    reference NAMM reads them from eager attention. Padding query rows are zero.
+    queries (batch, q_heads, n_q, d), keys (batch, kv_heads, n_keys, d) -> (batch, kv_heads, n_q, n_keys)
+    """
+    b, hq, nq, d = queries.shape
+    h, nk = keys.shape[1], keys.shape[2]
+    g = hq // h
+    q = queries.reshape(b, h, g, nq, d).float()
+    logits = torch.einsum("bhgqd,bhkd->bhgqk", q, keys.float()) * scaling  # (batch, kv_heads, g, n_q, n_keys)
+    allowed = (slots[:, :, None, :] <= q_slots[:, None, :, None]) & valid[:, :, None, :]  # (b, h, n_q, n_keys)
+    logits = logits.masked_fill(~allowed[:, :, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0).mean(2)  # (batch, kv_heads, n_q, n_keys)
+    return probs * q_valid[:, None, :, None]
+
+
+def memory_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: the active memory's attention, else plain SDPA."""
+    memory = _ACTIVE.get()
+    if memory is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if scaling is None:  # GPT-2 style modules scale inside their own eager path
+        scaling = query.shape[-1] ** -0.5 if getattr(module, "scale_attn_weights", True) else 1.0
+        if getattr(module, "scale_attn_by_inverse_layer_idx", False):
+            scaling /= float(module.layer_idx + 1)
+    return memory.attend(module.layer_idx, query, key, value, scaling), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """The memory builds its own masks from slot indices; HF's mask would be wrong after eviction."""
+    return None
+
+
+def register_attention() -> None:
+    """Make `ATTN_IMPLEMENTATION` selectable by `model.set_attn_implementation`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, memory_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
