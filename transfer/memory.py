@@ -282,7 +282,7 @@ def attention_slice(
     queries (batch, q_heads, n_q, d), keys (batch, kv_heads, n_keys, d) -> (batch, kv_heads, n_q, n_keys)
     """
     b, hq, nq, d = queries.shape
-    h, nk = keys.shape[1], keys.shape[2]
+    h = keys.shape[1]
     g = hq // h
     q = queries.reshape(b, h, g, nq, d).float()
     logits = torch.einsum("bhgqd,bhkd->bhgqk", q, keys.float()) * scaling  # (batch, kv_heads, g, n_q, n_keys)
