@@ -1,0 +1,560 @@
+"""The reference BAM NAMM (Cetin et al., ICLR 2025) as pure tensor functions.
+
+One call of `namm_update` is one (layer, update) of `DeepMP.update_layer_cache_impl_` in SakanaAI/evo-memory:
+attention spectrogram (STFT magnitudes) -> EMA over frames -> frozen per-bin normalisation -> recency
+sinusoids -> backward-attention BAM scorer -> binary selection. See docs in
+/work/shared/reference/namm-spec.md (sections 1-3). Nothing here knows about models, adapters or domains:
+the memory manager feeds GQA-averaged attention and absolute positions, and gathers its own K/V with `keep`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PARAM_SIZE = 4172
+N_BINS = 17  # n_fft // 2 + 1
+N_FEATURES = 25  # recency_dim + N_BINS
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "namm.safetensors"
+META_FILE = "namm.json"
+_NORM_EPS = 1e-7  # reference: (E - mu) / max(sqrt(var), 1e-7)
+_PAD_LOGIT = 1e9  # logit penalty for padded BAM keys; exp underflows to exactly 0 like finfo.min masking
+_KEY_CHUNK = 8192  # keys per STFT chunk: bounds the (keys, frames, n_fft) intermediate on long caches
+_REF_NORM_PREFIX = "stored_buffers_to_save.token_embedding_0_"
+_warned_no_norm = False
+
+
+@dataclass(frozen=True)
+class NAMMConfig:
+    """Hyper-parameters of the NAMM forward pass; defaults are the released BAM runs (spec section 2)."""
+
+    n_fft: int = 32
+    hop: int = 16
+    ema_coeff: float = 0.99
+    recency_dim: int = 8
+    max_freq: float = 50000.0
+    start_recency_from: int = 0
+    hidden_dim: int = 32
+    threshold: float = 0.0
+
+    @property
+    def n_bins(self) -> int:
+        return self.n_fft // 2 + 1
+
+    @property
+    def n_features(self) -> int:
+        return self.recency_dim + self.n_bins
+
+    @property
+    def context_len(self) -> int:
+        return self.n_fft - self.hop
+
+
+def param_size(cfg: NAMMConfig = NAMMConfig()) -> int:
+    """Length of the flat parameter vector for `cfg` (4172 for the released BAM)."""
+    f, d = cfg.n_features, cfg.hidden_dim
+    return f * 3 * d + 3 * d + d * 2 * f + 2 * f + f + 1
+
+
+@dataclass
+class NAMMParams:
+    """Views into one flat vector in the reference layout (in-major weights, used as `x @ W`)."""
+
+    w_qkv: Tensor  # (F, 3 * hidden): q cols 0:h, k h:2h, v 2h:3h
+    b_qkv: Tensor  # (3 * hidden,)
+    w_o: Tensor  # (hidden, 2 * F): residual cols 0:F, multiplicative gate F:2F
+    b_o: Tensor  # (2 * F,)
+    w_m: Tensor  # (F, 1)
+    b_m: Tensor  # (1,)
+
+    @classmethod
+    def from_flat(cls, theta: Tensor, cfg: NAMMConfig = NAMMConfig()) -> NAMMParams:
+        size = param_size(cfg)
+        if theta.dim() != 1 or theta.numel() != size:
+            raise ValueError(f"NAMM parameter vector must have shape [{size}], got {list(theta.shape)}")
+        f, d = cfg.n_features, cfg.hidden_dim
+        shapes = [(f, 3 * d), (3 * d,), (d, 2 * f), (2 * f,), (f, 1), (1,)]
+        parts, start = [], 0
+        for shape in shapes:
+            n = math.prod(shape)
+            parts.append(theta[start : start + n].view(shape))
+            start += n
+        return cls(*parts)
+
+    def flat(self) -> Tensor:
+        return torch.cat([p.reshape(-1) for p in self.blocks()])
+
+    def blocks(self) -> tuple[Tensor, ...]:
+        return (self.w_qkv, self.b_qkv, self.w_o, self.b_o, self.w_m, self.b_m)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> NAMMParams:
+        return NAMMParams(*(p.to(device=device, dtype=dtype) for p in self.blocks()))
+
+
+@dataclass
+class NormStats:
+    """Frozen per-bin population statistics of the un-normalised EMA features (float64, shape (17,))."""
+
+    mean: Tensor
+    var: Tensor
+    count: int
+
+    @classmethod
+    def empty(cls) -> NormStats:
+        return cls(torch.zeros(N_BINS, dtype=torch.float64), torch.zeros(N_BINS, dtype=torch.float64), 0)
+
+    def merge(self, ema: Tensor, valid: Tensor | None) -> NormStats:
+        """Chan parallel mean/var merge of this batch's (batch, heads, tokens) rows, masked by `valid`.
+
+        Mirrors the reference online normalisation (population variance, pooled over layers and calls).
+        """
+        rows = ema.reshape(-1, ema.shape[-1]) if valid is None else ema[valid.bool()]  # (n, bins)
+        rows = rows.to(torch.float64)
+        n_b = rows.shape[0]
+        if n_b == 0:
+            return self
+        mean_b = rows.mean(0)
+        var_b = rows.var(0, correction=0)
+        if self.count == 0:
+            return NormStats(mean_b, var_b, n_b)
+        mean_a, var_a = self.mean.to(rows.device, torch.float64), self.var.to(rows.device, torch.float64)
+        n_a, n = self.count, self.count + n_b
+        delta = mean_b - mean_a
+        mean = mean_a + delta * (n_b / n)
+        m2 = var_a * n_a + var_b * n_b + delta.square() * (n_a * n_b / n)
+        return NormStats(mean, m2 / n, n)
+
+
+@dataclass
+class NAMMBuffers:
+    """Per-layer state carried between updates; rows aligned with the cached tokens."""
+
+    context: Tensor  # (batch, kv_heads, n_keys, n_fft - hop): last attention samples each key received
+    ema: Tensor  # (batch, kv_heads, n_keys, 17): un-normalised EMA of |STFT|
+
+
+@dataclass
+class NAMMUpdate:
+    scores: Tensor  # (batch, kv_heads, n_keys) raw BAM scores, -inf at padding (newest not forced)
+    keep: Tensor  # (batch, kv_heads, n_keep) long, ascending (positional order)
+    buffers: NAMMBuffers  # new buffers for the kept tokens only (gathered with `keep`)
+    ema: Tensor  # (batch, kv_heads, n_keys, 17) un-normalised EMA before eviction (for NormStats collection)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Feature pieces
+
+
+def hann_window(n_fft: int, device: torch.device | str | None = None,
+                dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.hann_window(n_fft, periodic=True, device=device, dtype=dtype)
+
+
+def stft_magnitudes(series: Tensor, context: Tensor, cfg: NAMMConfig = NAMMConfig()) -> Tensor:
+    """|STFT| of each key's attention series with its left context, equal to torch.stft(center=False).
+
+    series (..., n_new), context (..., n_fft - hop) -> (..., frames = n_new / hop, n_bins).
+    Unfold + window + rfft instead of torch.stft so arbitrary leading dims stay vectorised.
+    """
+    full = torch.cat([context.to(series.dtype), series], dim=-1)  # (..., n_fft - hop + n_new)
+    frames = full.unfold(-1, cfg.n_fft, cfg.hop)  # (..., frames, n_fft)
+    frames = frames * hann_window(cfg.n_fft, device=series.device, dtype=series.dtype)
+    return torch.fft.rfft(frames, dim=-1).abs()
+
+
+def ema_update(mags: Tensor, ema_prev: Tensor | None, n_new: int, cfg: NAMMConfig = NAMMConfig()) -> Tensor:
+    """EMA of spectrogram frames with one step per hop: E = a^T E_prev + sum_t a^(T-1-t) (1-a) mask M_t.
+
+    mags (batch, heads, n_keys, frames, bins); ema_prev (batch, heads, n_old, bins) for the first
+    n_keys - n_new keys (new keys start at 0) or None. `mask` drops frames that end before a new key
+    existed (a no-op for causal attention, kept for exactness with the reference).
+    """
+    n_keys, n_frames = mags.shape[-3], mags.shape[-2]
+    a = cfg.ema_coeff ** cfg.hop
+    t = torch.arange(n_frames, device=mags.device)
+    w = (a ** (n_frames - 1 - t).to(torch.float64) * (1.0 - a)).to(mags.dtype)  # (frames,)
+    k = torch.arange(n_keys, device=mags.device)
+    mask = k[:, None] < (n_keys - n_new + cfg.hop * (t[None, :] + 1))  # (n_keys, frames)
+    ema = torch.einsum("...kfb,kf->...kb", mags, mask.to(mags.dtype) * w)
+    if ema_prev is not None and ema_prev.shape[-2] > 0:
+        n_old = ema_prev.shape[-2]
+        decay = cfg.ema_coeff ** (cfg.hop * n_frames)
+        ema = torch.cat([ema[..., :n_old, :] + decay * ema_prev.to(ema.dtype), ema[..., n_old:, :]], dim=-2)
+    return ema
+
+
+def recency_features(positions: Tensor, cfg: NAMMConfig = NAMMConfig(), valid: Tensor | None = None,
+                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """Sinusoids of token age r = newest - pos + start_recency_from: (..., n_keys) -> (..., n_keys, 8).
+
+    Order [sin r f_0..f_3, cos r f_0..f_3] with f_i = max_freq^(-i / 4); computed in float64 so large
+    positions keep their phase. The newest token is the max position over valid tokens.
+    """
+    pos = positions.to(torch.float64)
+    if valid is None:
+        newest = pos.amax(-1, keepdim=True)
+    else:
+        newest = pos.masked_fill(~valid.bool(), -math.inf).amax(-1, keepdim=True)
+        newest = torch.where(torch.isfinite(newest), newest, 0.0)  # all-padding rows stay finite
+    r = newest - pos + cfg.start_recency_from  # (..., n_keys)
+    half = cfg.recency_dim // 2
+    freqs = cfg.max_freq ** (-torch.arange(half, device=pos.device, dtype=torch.float64) / half)
+    ang = r[..., None] * freqs  # (..., n_keys, half)
+    return torch.cat([ang.sin(), ang.cos()], dim=-1).to(dtype)
+
+
+def normalise(ema: Tensor, norm: NormStats | None) -> Tensor:
+    """z-score per frequency bin with frozen stats; None/empty stats -> unchanged (reference, warns once)."""
+    global _warned_no_norm
+    if norm is None or norm.count == 0:
+        if not _warned_no_norm:
+            warnings.warn("NAMM: no normalisation statistics, using un-normalised EMA features", stacklevel=3)
+            _warned_no_norm = True
+        return ema
+    mean = norm.mean.to(ema.device, ema.dtype)
+    std = norm.var.to(ema.device, ema.dtype).sqrt().clamp_min(_NORM_EPS)
+    return (ema - mean) / std
+
+
+def bam_scores(x: Tensor, params: NAMMParams, valid: Tensor | None = None) -> Tensor:
+    """BAM scorer: one-head backward self-attention (token i sees j >= i), gated residual, linear head.
+
+    x (batch, heads, n_keys, F) in cache order -> scores (batch, heads, n_keys). The backward mask is a
+    causal mask on the flipped token axis, so SDPA runs without an O(n_keys^2) mask. Padded keys are
+    excluded by an extra q/k dimension that adds -1e9 to their logits (exactly zero weight, like the
+    reference's finfo.min); padded queries get finite garbage that callers overwrite.
+    """
+    p = params.to(x.device, x.dtype)
+    d = p.w_o.shape[0]
+    n_feat = x.shape[-1]
+    qkv = x @ p.w_qkv + p.b_qkv  # (batch, heads, n_keys, 3 * hidden)
+    q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
+    if valid is not None:
+        pad = (~valid.bool()).to(x.dtype)[..., None]  # (batch, heads, n_keys, 1)
+        q = torch.cat([q, torch.ones_like(pad)], dim=-1)
+        k = torch.cat([k, -_PAD_LOGIT * math.sqrt(d) * pad], dim=-1)
+    out = F.scaled_dot_product_attention(
+        q.flip(-2), k.flip(-2), v.flip(-2), is_causal=True, scale=1.0 / math.sqrt(d)
+    ).flip(-2)  # (batch, heads, n_keys, hidden)
+    o = out @ p.w_o + p.b_o  # (batch, heads, n_keys, 2F)
+    h = x * (1.0 + o[..., n_feat:]) + o[..., :n_feat]
+    return (h @ p.w_m).squeeze(-1) + p.b_m
+
+
+def newest_index(valid: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
+    """Index of the newest (last valid) token per (batch, head): (batch, heads)."""
+    if valid is None:
+        return torch.full(shape[:-1], shape[-1] - 1, dtype=torch.long, device=device)
+    idx = torch.arange(shape[-1], device=device)
+    return torch.where(valid.bool(), idx, -1).amax(-1).clamp_min(0)
+
+
+def select_keep(scores: Tensor, valid: Tensor | None, threshold: float = 0.0,
+                max_keep: int | None = None) -> Tensor:
+    """Reference binary selection; returns kept indices (batch, heads, n_keep), ascending.
+
+    Padding -> -inf, newest token forced kept; d = min over all batch x heads of #(score < threshold);
+    every head keeps its top n_keys - d (so all heads keep the max non-negative count, topped up with
+    their best negative tokens). Budget mode: `max_keep` caps n_keep, i.e. the kept set becomes the top
+    `max_keep` by score, which equals moving the threshold per update to hit the budget. Ties go to the
+    older token (stable sort).
+    """
+    if max_keep is not None and max_keep < 1:
+        raise ValueError(f"max_keep must be >= 1, got {max_keep}")
+    s = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores.clone()
+    if valid is not None:
+        s = s.masked_fill(~valid.bool(), -math.inf)
+    newest = newest_index(valid, s.shape, s.device)
+    s.scatter_(-1, newest[..., None], math.inf)
+    d = int((s < threshold).sum(-1).min())
+    n_keep = s.shape[-1] - d
+    if max_keep is not None:
+        n_keep = min(n_keep, max_keep)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :n_keep]
+    return order.sort(dim=-1).values
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One update
+
+
+def _check_inputs(attn: Tensor, buffers: NAMMBuffers | None, positions: Tensor, valid: Tensor | None,
+                  cfg: NAMMConfig) -> None:
+    if attn.dim() != 4:
+        raise ValueError(f"attn must be (batch, kv_heads, n_new, n_keys), got shape {list(attn.shape)}")
+    b, h, n_new, n_keys = attn.shape
+    if n_new == 0 or n_new % cfg.hop != 0:
+        raise ValueError(f"n_new={n_new} queries must be a positive multiple of hop={cfg.hop}")
+    if n_new > n_keys:
+        raise ValueError(f"n_new={n_new} exceeds n_keys={n_keys}: the last n_new keys must be the new tokens")
+    if not torch.isfinite(attn).all():
+        raise ValueError("attention contains NaN or inf values")
+    if positions.shape != (b, h, n_keys):
+        raise ValueError(f"positions must have shape {[b, h, n_keys]}, got {list(positions.shape)}")
+    if valid is not None and valid.shape != (b, h, n_keys):
+        raise ValueError(f"valid must have shape {[b, h, n_keys]}, got {list(valid.shape)}")
+    n_old = n_keys - n_new
+    if buffers is None:
+        if n_old != 0:
+            raise ValueError(f"buffers=None (new sequence) needs n_keys == n_new, got {n_keys} != {n_new}")
+        return
+    want_ctx, want_ema = (b, h, n_old, cfg.context_len), (b, h, n_old, cfg.n_bins)
+    if buffers.context.shape != want_ctx or buffers.ema.shape != want_ema:
+        raise ValueError(
+            f"buffers must cover the {n_old} old keys: got context {list(buffers.context.shape)}, "
+            f"ema {list(buffers.ema.shape)}; expected {list(want_ctx)}, {list(want_ema)}"
+        )
+
+
+def _spectral_ema(series: Tensor, context: Tensor, ema_prev: Tensor | None, n_new: int,
+                  cfg: NAMMConfig) -> Tensor:
+    """STFT + EMA in key chunks so the (keys, frames, n_fft) intermediates stay bounded on long caches."""
+    n_keys = series.shape[-2]
+    if n_keys <= _KEY_CHUNK:
+        return ema_update(stft_magnitudes(series, context, cfg), ema_prev, n_new, cfg)
+    decay = cfg.ema_coeff ** (cfg.hop * (n_new // cfg.hop))
+    n_old = n_keys - n_new
+    out = []
+    for start in range(0, n_keys, _KEY_CHUNK):
+        stop = min(start + _KEY_CHUNK, n_keys)
+        mags = stft_magnitudes(series[..., start:stop, :], context[..., start:stop, :], cfg)
+        # the frame mask depends on the absolute key index: pad the chunk's n_keys/n_new to match it
+        chunk = ema_update(mags, None, n_new - (n_keys - stop), cfg)
+        if ema_prev is not None and start < n_old:
+            m = min(stop, n_old) - start
+            prev = ema_prev[..., start : start + m, :].to(chunk.dtype)
+            chunk = torch.cat([chunk[..., :m, :] + decay * prev, chunk[..., m:, :]], dim=-2)
+        out.append(chunk)
+    return torch.cat(out, dim=-2)
+
+
+def namm_update(
+    attn: Tensor,
+    buffers: NAMMBuffers | None,
+    positions: Tensor,
+    params: NAMMParams,
+    norm: NormStats | None,
+    cfg: NAMMConfig = NAMMConfig(),
+    valid: Tensor | None = None,
+    max_keep: int | None = None,
+) -> NAMMUpdate:
+    """Score the cached tokens of one layer and pick the ones to keep (reference BAM NAMM, one update).
+
+    attn (batch, kv_heads, n_new, n_keys): GQA-averaged attention probabilities of the n_new newest
+    queries over all cached keys, the last n_new keys being the new tokens (causal zeros included).
+    buffers: carried state of the n_keys - n_new old keys, None for a new sequence. positions: absolute
+    token positions (batch, kv_heads, n_keys). valid: False for padding (scored -inf). max_keep: budget
+    cap on the kept count (see `select_keep`); None reproduces the reference rule. Computes in float32
+    (float64 if attn is float64) on attn's device.
+    """
+    _check_inputs(attn, buffers, positions, valid, cfg)
+    b, h, n_new, n_keys = attn.shape
+    dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
+    series = attn.to(dtype).transpose(-1, -2)  # (batch, heads, n_keys, n_new): attention each key received
+    ctx_new = series.new_zeros(b, h, n_new, cfg.context_len)
+    if buffers is None:
+        context, ema_prev = ctx_new, None
+    else:
+        context = torch.cat([buffers.context.to(series.device, dtype), ctx_new], dim=-2)
+        ema_prev = buffers.ema.to(series.device, dtype)
+    ema = _spectral_ema(series, context, ema_prev, n_new, cfg)  # (batch, heads, n_keys, bins)
+    rec = recency_features(positions.to(series.device), cfg, valid, dtype)  # (batch, heads, n_keys, 8)
+    x = torch.cat([rec, normalise(ema, norm)], dim=-1)  # (batch, heads, n_keys, 25), recency first
+    scores = bam_scores(x, params, valid)
+    if valid is not None:
+        scores = scores.masked_fill(~valid.bool(), -math.inf)
+    keep = select_keep(scores, valid, cfg.threshold, max_keep)
+    # last n_fft - hop samples each key received: (batch, heads, n_keys, n_fft - hop)
+    tail = torch.cat([context, series], dim=-1)[..., -cfg.context_len :]
+    new_buffers = NAMMBuffers(
+        context=tail.gather(-2, keep[..., None].expand(-1, -1, -1, cfg.context_len)),
+        ema=ema.gather(-2, keep[..., None].expand(-1, -1, -1, ema.shape[-1])),
+    )
+    return NAMMUpdate(scores=scores, keep=keep, buffers=new_buffers, ema=ema)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _config_from_dict(d: dict[str, Any]) -> NAMMConfig:
+    known = {f.name for f in fields(NAMMConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown NAMM config fields: {sorted(unknown)}")
+    return NAMMConfig(**d)
+
+
+def save_namm(path_dir: str | os.PathLike, theta: Tensor, norm: NormStats | None, cfg: NAMMConfig,
+              provenance: dict) -> Path:
+    """Write our checkpoint format (namm.safetensors + namm.json) atomically: temp dir, then rename."""
+    from safetensors.torch import save_file
+
+    size = param_size(cfg)
+    if theta.dim() != 1 or theta.numel() != size:
+        raise ValueError(f"theta must have shape [{size}], got {list(theta.shape)}")
+    norm = norm if norm is not None else NormStats.empty()
+    if norm.mean.shape != (cfg.n_bins,) or norm.var.shape != (cfg.n_bins,):
+        raise ValueError(f"norm stats must have shape [{cfg.n_bins}], got {list(norm.mean.shape)}")
+    meta = {
+        "format": "namm-transfer",
+        "format_version": FORMAT_VERSION,
+        "config": asdict(cfg),
+        "param_size": size,
+        "norm_count": int(norm.count),
+        "provenance": provenance,
+    }
+    try:
+        meta_text = json.dumps(meta, indent=2, sort_keys=True)
+    except TypeError as e:
+        raise ValueError(f"provenance must be JSON-serialisable: {e}") from None
+    dest = Path(path_dir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        tensors = {
+            "theta": theta.detach().to("cpu", torch.float32).contiguous(),
+            "norm_mean": norm.mean.detach().to("cpu", torch.float32).contiguous(),
+            "norm_var": norm.var.detach().to("cpu", torch.float32).contiguous(),
+        }
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "namm-transfer"})
+        (tmp / META_FILE).write_text(meta_text + "\n")
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return dest
+
+
+def _strip_prefix(d: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("_orig_mod.", ""): v for k, v in d.items()}
+
+
+def _load_ours(weights: Path) -> tuple[Tensor, NormStats, NAMMConfig, dict[str, Any]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta_path = weights.parent / META_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"{weights}: missing sibling {META_FILE}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path}: invalid JSON ({e})") from None
+    if meta.get("format") != "namm-transfer" or "config" not in meta:
+        raise ValueError(f"{meta_path}: not a namm-transfer checkpoint (format={meta.get('format')!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format_version {meta['format_version']} > supported {FORMAT_VERSION}")
+    cfg = _config_from_dict(meta["config"])
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
+    missing = [k for k in ("theta", "norm_mean", "norm_var") if k not in tensors]
+    if missing:
+        raise ValueError(f"{weights}: missing tensors {missing}")
+    theta = tensors["theta"].float()
+    _check_theta(theta, cfg, weights)
+    norm = _norm_from(tensors["norm_mean"], tensors["norm_var"], int(meta.get("norm_count", 0)), cfg, weights)
+    return theta, norm, cfg, {"format": "namm-transfer", "provenance": meta.get("provenance", {})}
+
+
+def _check_theta(theta: Tensor, cfg: NAMMConfig, where: Path) -> None:
+    size = param_size(cfg)
+    if theta.numel() != size or theta.dim() != 1:
+        raise ValueError(f"{where}: theta has shape {list(theta.shape)}, expected [{size}]")
+
+
+def _norm_from(mean: Tensor, var: Tensor, count: int, cfg: NAMMConfig, where: Path) -> NormStats:
+    mean, var = mean.reshape(-1).to(torch.float64), var.reshape(-1).to(torch.float64)
+    if mean.numel() != cfg.n_bins or var.numel() != cfg.n_bins:
+        raise ValueError(f"{where}: norm stats have {mean.numel()}/{var.numel()} bins, expected {cfg.n_bins}")
+    if count == 0:
+        return NormStats.empty()
+    return NormStats(mean, var, count)
+
+
+def _load_reference(path: Path) -> tuple[Tensor, NormStats, NAMMConfig, dict[str, Any]]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise ValueError(f"{path}: cannot read torch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("evolution_state"), dict):
+        raise ValueError(f"{path}: not a reference NAMM checkpoint (no 'evolution_state' dict)")
+    state = _strip_prefix(ckpt["evolution_state"])
+    keys = ["mean"] + [_REF_NORM_PREFIX + s for s in ("output_mean", "output_var", "output_num")]
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"{path}: evolution_state lacks keys {missing}")
+    cfg = NAMMConfig()
+    theta = torch.as_tensor(state["mean"]).detach().float().reshape(-1)
+    _check_theta(theta, cfg, path)
+    count = int(torch.as_tensor(state[_REF_NORM_PREFIX + "output_num"]).max())
+    norm = _norm_from(torch.as_tensor(state[keys[1]]), torch.as_tensor(state[keys[2]]), count, cfg, path)
+    prov = {k: (v.item() if isinstance(v, Tensor) and v.numel() == 1 else v)
+            for k, v in ckpt.items() if k in ("iter_num", "best_val_loss")}
+    return theta, norm, cfg, {"format": "evo-memory-torch", "provenance": prov}
+
+
+def _load_any(path: str | os.PathLike) -> tuple[Tensor, NormStats, NAMMConfig, dict[str, Any]]:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"NAMM checkpoint not found: {p}")
+    if p.is_dir():
+        if (p / WEIGHTS_FILE).is_file():
+            return _load_ours(p / WEIGHTS_FILE)
+        if (p / "ckpt.pt").is_file():
+            return _load_reference(p / "ckpt.pt")
+        raise ValueError(f"{p}: directory holds neither {WEIGHTS_FILE} nor a reference ckpt.pt")
+    if p.suffix == ".safetensors":
+        return _load_ours(p)
+    if p.suffix in (".pt", ".pth"):
+        return _load_reference(p)
+    raise ValueError(f"{p}: unknown NAMM checkpoint format (want a directory, .safetensors or .pt)")
+
+
+def load_namm(path: str | os.PathLike) -> tuple[Tensor, NormStats, NAMMConfig]:
+    """Load theta, norm stats and config from our directory/safetensors or a reference torch .pt."""
+    theta, norm, cfg, _ = _load_any(path)
+    return theta, norm, cfg
+
+
+def inspect_namm(path: str | os.PathLike) -> dict[str, Any]:
+    """Summary for `namm inspect`: format, config, parameter count and norms, norm stats, provenance."""
+    theta, norm, cfg, meta = _load_any(path)
+    params = NAMMParams.from_flat(theta, cfg)
+    names = ("w_qkv", "b_qkv", "w_o", "b_o", "w_m", "b_m")
+    blocks = {name: float(block.norm()) for name, block in zip(names, params.blocks())}
+    summary: dict[str, Any] = {
+        "path": str(path),
+        "format": meta["format"],
+        "config": asdict(cfg),
+        "param_count": theta.numel(),
+        "theta": {"l2": float(theta.norm()), "abs_max": float(theta.abs().max()),
+                  "nonzero": int((theta != 0).sum()), "block_l2": blocks},
+        "norm": {"count": norm.count},
+        "provenance": meta["provenance"],
+    }
+    if norm.count > 0:
+        std = norm.var.sqrt()
+        summary["norm"]["mean"] = [round(float(v), 6) for v in norm.mean]
+        summary["norm"]["std"] = [round(float(v), 6) for v in std]
+    return summary
