@@ -1,0 +1,363 @@
+"""Train the small source LM: a random-init Llama (GQA) on the dense synthetic task mixture.
+
+Naive recipes (one query per sequence, a few minutes) stayed at chance here
+(docs: /work/shared/reference/source-lm-notes.md), so this uses what recall models need: dense
+supervision (loss on every answer word of many questions per sequence), a length curriculum that only
+lengthens once answer accuracy is high, warmup + cosine, bf16 autocast and large token batches.
+
+    python -m train.lm --out artifacts/lm/tiny-llama-mqar --train-minutes 7 --resume
+
+Checkpoints (model fp32, optimiser moments bf16, state json) go to --ckpt-dir every --ckpt-every
+steps; --resume continues from them. The LR schedule follows progress = max(step/steps,
+trained_seconds/train_seconds), so a run can be bounded by wall time and still anneal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.tasks.synthetic import (
+    EOS,
+    TASKS,
+    VOCAB,
+    WORD_TO_ID,
+    build_tokenizer,
+    make_examples,
+    make_training_sequence,
+    score,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="directory for the final model + tokenizer + logs")
+    p.add_argument("--ckpt-dir", default=None, help="checkpoint directory (default OUT/ckpt)")
+    p.add_argument("--resume", action="store_true", help="continue from --ckpt-dir if it holds a checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    # model
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--rope-theta", type=float, default=1e5)
+    p.add_argument("--max-positions", type=int, default=8192)
+    # optimisation
+    p.add_argument("--steps", type=int, default=20000, help="schedule length in steps")
+    p.add_argument("--train-minutes", type=float, default=0.0, help="schedule length in minutes (0: steps)")
+    p.add_argument("--stop-minutes", type=float, default=0.0, help="stop this invocation after N minutes")
+    p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per step (batch = this // length)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr-frac", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    # curriculum
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    p.add_argument("--advance-acc", type=float, default=0.9, help="macro answer-token accuracy to lengthen")
+    p.add_argument("--min-stage-steps", type=int, default=200)
+    p.add_argument("--max-stage-steps", type=int, default=3000, help="lengthen anyway after this many steps")
+    p.add_argument("--replay", type=float, default=0.25, help="probability of a shorter, earlier length")
+    # bookkeeping
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--workers", type=int, default=0, help="data worker processes")
+    p.add_argument("--eval-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
+    p.add_argument("--eval-n", type=int, default=50)
+    p.add_argument("--save-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    args = p.parse_args(argv)
+    bad = [t for t in args.tasks if t not in TASKS]
+    if bad:
+        p.error(f"unknown task(s) {bad}; choose from {sorted(TASKS)}")
+    if args.heads % args.kv_heads or args.hidden % args.heads:
+        p.error("--heads must divide --hidden and be a multiple of --kv-heads")
+    if min(args.lengths) < 128 or any(b < a for a, b in zip(args.lengths, args.lengths[1:])):
+        p.error("--lengths must be increasing and >= 128")
+    return args
+
+
+def build_model(args: argparse.Namespace):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.max_positions, rope_theta=args.rope_theta, tie_word_embeddings=True,
+        bos_token_id=WORD_TO_ID["<s>"], eos_token_id=WORD_TO_ID[EOS], pad_token_id=WORD_TO_ID["<pad>"],
+        initializer_range=0.02,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_batch(tasks: list[str], length: int, batch: int, rng: np.random.Generator):
+    """(ids (batch, length+1), target mask (batch, length+1), task index per row)."""
+    which = rng.integers(len(tasks), size=batch)
+    rows = [make_training_sequence(tasks[t], length, rng) for t in which]
+    ids = torch.from_numpy(np.stack([r[0] for r in rows]))
+    mask = torch.from_numpy(np.stack([r[1] for r in rows]))
+    return ids, mask, torch.from_numpy(which)
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Endless batches of one fixed length; each worker gets its own seed."""
+
+    def __init__(self, tasks, length, batch, seed):
+        self.tasks, self.length, self.batch, self.seed = tasks, length, batch, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, self.length, info.id if info else 0])
+        while True:
+            yield make_batch(self.tasks, self.length, self.batch, rng)
+
+
+def _streams(args, seed):
+    """One iterator per curriculum length (workers split across them lazily)."""
+    out = {}
+    for L in args.lengths:
+        ds = _BatchStream(args.tasks, L, max(1, args.batch_tokens // L), seed)
+        if args.workers > 0:
+            dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers, prefetch_factor=4,
+                                             persistent_workers=True)
+            out[L] = dl
+        else:
+            out[L] = ds
+    return out
+
+
+# ----------------------------------------------------------------------------- generation / eval
+
+
+@torch.no_grad()
+def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None) -> torch.Tensor:
+    """Greedy full-cache decoding for a batch of equal-length prompts; returns (batch, new) ids."""
+    out = model(input_ids=input_ids, use_cache=True)
+    past, new = out.past_key_values, []
+    nxt = out.logits[:, -1].argmax(-1)  # (batch,)
+    done = torch.zeros_like(nxt, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        new.append(nxt)
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+        out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1)
+    return torch.stack(new, 1)
+
+
+def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int = 16) -> str:
+    """Plain full-cache greedy reference: the text the model writes after `prompt`, up to EOS."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+    new = generate_ids(model, ids, max_new_tokens, tokenizer.eos_token_id)[0].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def evaluate_full_cache(model, tokenizer, tasks: list[str], lengths: list[int], n: int, seed: int = 1234,
+                        batch: int = 16, max_new_tokens: int = 8) -> dict:
+    """Mean score and chance per task and length with greedy full-cache decoding."""
+    model.eval()
+    device = next(model.parameters()).device
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    res: dict = {}
+    for task in tasks:
+        res[task] = {}
+        for L in lengths:
+            exs = make_examples(task, n, L, seed=seed)
+            scores = []
+            for i in range(0, n, batch):
+                chunk = exs[i:i + batch]
+                ids = tokenizer([e.prompt for e in chunk], return_tensors="pt")["input_ids"].to(device)
+                with amp:
+                    new = generate_ids(model, ids, max_new_tokens, tokenizer.eos_token_id)
+                for e, row in zip(chunk, new.tolist()):
+                    scores.append(score(task, tokenizer.decode(row, skip_special_tokens=False), e.answer))
+            res[task][str(L)] = {"score": float(np.mean(scores)), "chance": float(np.mean([e.chance for e in exs])),
+                                 "n": n}
+    model.train()
+    return res
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_dir: Path, model, opt, state: dict) -> None:
+    """Model in fp32, Adam moments in bf16 (keeps each file small enough to ship back from the device)."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_save({k: v.detach().float().cpu() for k, v in model.state_dict().items()}, ckpt_dir / "model.pt")
+    osd = opt.state_dict()
+    osd["state"] = {k: {n: (t.to(torch.bfloat16).cpu() if t.dim() > 0 else t.cpu()) for n, t in s.items()}
+                    for k, s in osd["state"].items()}
+    _atomic_save(osd, ckpt_dir / "optim.pt")
+    tmp = ckpt_dir / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, ckpt_dir / "state.json")
+
+
+def load_checkpoint(ckpt_dir: Path, model, opt) -> dict:
+    state = json.loads((ckpt_dir / "state.json").read_text())
+    model.load_state_dict(torch.load(ckpt_dir / "model.pt", map_location="cpu"))
+    osd = torch.load(ckpt_dir / "optim.pt", map_location="cpu")
+    osd["state"] = {k: {n: t.float() for n, t in s.items()} for k, s in osd["state"].items()}
+    opt.load_state_dict(osd)
+    return state
+
+
+def save_final(model, out: Path, dtype: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+    model.float()
+    build_tokenizer().save_pretrained(out)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def lr_at(args, step: int, trained_s: float) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    prog = step / max(1, args.steps)
+    if args.train_minutes > 0:
+        prog = max(prog, trained_s / (60 * args.train_minutes))
+    prog = min(1.0, prog)
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else out / "ckpt"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    model = build_model(args).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
+                            fused=device.type == "cuda")
+    state = {"step": 0, "stage": 0, "stage_steps": 0, "ema_acc": 0.0, "trained_s": 0.0, "invocations": 0}
+    if args.resume and (ckpt_dir / "state.json").exists():
+        state = load_checkpoint(ckpt_dir, model, opt)
+        model.to(device)
+        print(f"resumed from {ckpt_dir} at step {state['step']} (stage {state['stage']})")
+    state["invocations"] += 1
+    print(f"model: {n_params / 1e6:.2f} M params, {args.layers} layers, hidden {args.hidden}, "
+          f"{args.heads} q heads / {args.kv_heads} kv heads, device {device}")
+    streams = {L: iter(s) for L, s in _streams(args, args.seed * 1000 + state["invocations"]).items()}
+    rng = np.random.default_rng([args.seed, state["invocations"]])
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    log_f = open(out / "train_log.jsonl", "a")
+    t_start = time.time()
+    t_last = time.time()
+    tok_seen = 0
+    stats: dict = {}
+    model.train()
+    while state["step"] < args.steps:
+        if args.stop_minutes and time.time() - t_start > 60 * args.stop_minutes:
+            print(f"stop-minutes reached at step {state['step']}")
+            break
+        if args.train_minutes and state["trained_s"] >= 60 * args.train_minutes:
+            print(f"train-minutes schedule finished at step {state['step']}")
+            break
+        stage = state["stage"]
+        L = args.lengths[stage]
+        if stage > 0 and rng.random() < args.replay:
+            L = args.lengths[int(rng.integers(stage))]
+        ids, mask, which = next(streams[L])
+        ids, mask, which = ids.to(device, non_blocking=True), mask.to(device), which.to(device)
+        lr = lr_at(args, state["step"], state["trained_s"])
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with amp:
+            logits = model(input_ids=ids[:, :-1]).logits  # (batch, length, vocab)
+        tgt, m = ids[:, 1:], mask[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.float()[m], tgt[m])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        # answer-token accuracy per task (macro over the tasks in this batch)
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == tgt) & m  # (batch, length)
+            per_row = correct.sum(1).float() / m.sum(1).clamp(min=1)
+            accs = {args.tasks[t]: per_row[which == t].mean().item() for t in which.unique().tolist()}
+        macro = float(np.mean(list(accs.values())))
+        if L == args.lengths[stage]:
+            state["ema_acc"] = 0.95 * state["ema_acc"] + 0.05 * macro if state["stage_steps"] else macro
+            state["stage_steps"] += 1
+        for t, a in accs.items():
+            s = stats.setdefault((t, L), [0.0, 0])
+            s[0] += a
+            s[1] += 1
+        tok_seen += ids.numel()
+        state["step"] += 1
+        now = time.time()
+        state["trained_s"] += now - t_last
+        t_last = now
+        if (stage + 1 < len(args.lengths) and state["stage_steps"] >= args.min_stage_steps
+                and (state["ema_acc"] >= args.advance_acc or state["stage_steps"] >= args.max_stage_steps)):
+            print(f"step {state['step']}: length {args.lengths[stage]} -> {args.lengths[stage + 1]} "
+                  f"(ema answer acc {state['ema_acc']:.3f})")
+            state["stage"] += 1
+            state["stage_steps"] = 0
+            state["ema_acc"] = 0.0
+        if state["step"] % args.log_every == 0 or state["step"] == 1:
+            el = time.time() - t_start
+            per = {f"{t}@{Lx}": round(s[0] / s[1], 3) for (t, Lx), s in sorted(stats.items())}
+            rec = {"step": state["step"], "stage_len": args.lengths[state["stage"]], "loss": round(loss.item(), 4),
+                   "ema_acc": round(state["ema_acc"], 3), "lr": lr, "tok_per_s": round(tok_seen / max(el, 1e-9)),
+                   "elapsed_s": round(el, 1), "trained_s": round(state["trained_s"], 1), "acc": per}
+            print(json.dumps(rec), flush=True)
+            log_f.write(json.dumps(rec) + "\n")
+            log_f.flush()
+            stats = {}
+        if state["step"] % args.ckpt_every == 0:
+            save_checkpoint(ckpt_dir, model, opt, state)
+    save_checkpoint(ckpt_dir, model, opt, state)
+    log_f.close()
+    tok = build_tokenizer()
+    result = {"step": state["step"], "trained_s": state["trained_s"], "params": n_params,
+              "final_stage_len": args.lengths[state["stage"]]}
+    if args.eval_lengths and args.eval_n > 0:
+        t0 = time.time()
+        result["eval"] = evaluate_full_cache(model, tok, args.tasks, args.eval_lengths, args.eval_n)
+        result["eval_s"] = time.time() - t0
+        for task, per in result["eval"].items():
+            print(task, {L: f"{v['score']:.3f} (chance {v['chance']:.3f})" for L, v in per.items()})
+        tmp = out / "eval_full_cache.json.tmp"
+        tmp.write_text(json.dumps({"args": vars(args), **result}, indent=1))
+        os.replace(tmp, out / "eval_full_cache.json")
+    save_final(model, out, args.save_dtype)
+    return result
+
+
+if __name__ == "__main__":
+    main()
