@@ -65,7 +65,7 @@ class Adapter:
         memory: KVMemory,
         n_tokens: int,
         forward: Callable[[int, int, torch.Tensor], Any],
-        valid: torch.Tensor | None = None,
+        valid: torch.Tensor,
         max_chunk: int = 512,
     ) -> Any:
         """Run `forward(start, end, position_ids)` over [0, n_tokens) in update-aligned chunks.
@@ -73,9 +73,7 @@ class Adapter:
         valid (batch, n_tokens) marks padding; position_ids (batch, chunk) count valid tokens seen,
         so they stay absolute after eviction and skip left padding. Returns the last forward's output.
         """
-        batch = valid.shape[0] if valid is not None else 1
-        if valid is None:
-            valid = torch.ones(batch, n_tokens, dtype=torch.bool, device=self.device)
+        batch = valid.shape[0]
         out, start = None, 0
         for size in memory.chunk_sizes(n_tokens, max_chunk):
             end = start + size

@@ -33,7 +33,8 @@ class CausalLMAdapter(Adapter):
     ) -> torch.Tensor:
         """Feed a (left-padded) prompt; returns the next-token logits (batch, vocab)."""
         input_ids = input_ids.to(self.device)
-        valid = None if attention_mask is None else attention_mask.to(self.device).bool()
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        valid = valid.to(self.device)
 
         def forward(start: int, end: int, positions: torch.Tensor) -> torch.Tensor:
             out = self.model(

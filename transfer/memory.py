@@ -88,7 +88,7 @@ class KVMemory:
         self.layers: dict[int, _LayerState] = {}
         self.n_fed = 0  # slots fed per row, padding included
         self.n_seen: torch.Tensor | None = None  # (batch,) valid tokens fed
-        self.kept_log: list[float] = []  # kept/seen after each layer update
+        self.kept_log: list[torch.Tensor] = []  # (batch,) kept/seen after each layer update
         self.record = record
         self.history: list[tuple[int, torch.Tensor]] = []  # (layer, kept slots (batch, kv_heads, n_keep))
         self._chunk_slots: torch.Tensor | None = None
@@ -198,13 +198,15 @@ class KVMemory:
         if self.record:
             kept = st.slots.masked_fill(~st.valid, -1) if self.evict == "mask" else st.slots
             self.history.append((layer, kept))
-        n_valid = st.valid.sum(-1).float().mean()  # mean over batch and heads
-        self.kept_log.append(float(n_valid / self.n_seen.float().mean()))
+        n_valid = st.valid.sum(-1).float().mean(1)  # (batch,) mean over heads
+        self.kept_log.append(n_valid / self.n_seen.float())
 
     # ---------------------------------------------------------------- bookkeeping
-    def kept_fraction(self) -> float:
-        """Mean kept/seen over all layer updates (1.0 when no update ran)."""
-        return sum(self.kept_log) / len(self.kept_log) if self.kept_log else 1.0
+    def kept_fraction(self) -> torch.Tensor:
+        """(batch,) mean over all layer updates of kept/seen valid tokens (1.0 where no update ran)."""
+        if not self.kept_log:
+            return torch.ones(1 if self.n_seen is None else self.n_seen.shape[0])
+        return torch.stack(self.kept_log).mean(0).cpu()
 
     def cache_tokens(self) -> list[int]:
         """Physical cache length per layer."""

@@ -1,0 +1,157 @@
+"""The memory manager reproduces what the model computes: eviction == masking, positions stay right."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import random_namm_theta, tiny_llama
+
+from adapters.llama import CausalLMAdapter
+from transfer.namm import NormStats
+from transfer.policies import make_policy
+from transfer.policies.namm import NAMMPolicy
+
+
+class Replay:
+    """Test-only policy: in mask mode, keep exactly the slots a gather-mode run kept (same order of updates)."""
+
+    needs_attention = False
+    name = "replay"
+
+    def __init__(self, history):
+        self.history = list(history)
+
+    def update(self, view, state):
+        layer, kept_slots = self.history.pop(0)
+        assert layer == view.layer
+        # In mask mode cache index == slot index, so kept slots are the indices to keep.
+        return kept_slots, None
+
+
+def _ids(batch=2, n=150, seed=1):
+    return torch.randint(0, 97, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _policies():
+    norm = NormStats(mean=torch.full((17,), 0.01), var=torch.full((17,), 1e-4), count=100)
+    return {
+        "namm": lambda: NAMMPolicy(random_namm_theta(), norm),
+        "h2o": lambda: make_policy("h2o", budget=0.5),
+        "l2": lambda: make_policy("l2", budget=40),
+        "random": lambda: make_policy("random", budget=0.4),
+        "streaming": lambda: make_policy("streaming", budget=0.3),
+    }
+
+
+def test_full_cache_matches_plain_forward_and_generate(llama):
+    ids = _ids()
+    with torch.no_grad():
+        ref_logits = llama(ids).logits[:, -1]
+        ref_gen = llama.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+    adapter = CausalLMAdapter(llama)
+    memory = adapter.new_memory(make_policy("full"), update_interval=32)
+    logits = adapter.prefill(memory, ids, chunk_size=20)
+    assert torch.allclose(logits, ref_logits, atol=1e-5)
+    memory = adapter.new_memory(make_policy("full"), update_interval=32)
+    assert torch.equal(adapter.generate(memory, ids, max_new_tokens=40), ref_gen)
+
+
+def test_uniform_eviction_equals_hf_masked_attention():
+    """Recency evicts the same tokens in every layer: an independent check with HF eager + a 4D mask."""
+    model = tiny_llama()
+    ids = _ids(n=130)
+    adapter = CausalLMAdapter(model)
+    memory = adapter.new_memory(make_policy("recency", budget=40), update_interval=32)
+    logits = adapter.prefill(memory, ids, chunk_size=32)
+    n = ids.shape[1]
+    allowed = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    for boundary in range(32, n, 32):  # after each update only the newest 40 tokens remain
+        allowed[boundary:, : max(boundary - 40, 0)] = False
+    mask = torch.zeros(1, 1, n, n).masked_fill(~allowed, float("-inf")).expand(2, 1, n, n)
+    ref_model = copy.deepcopy(model)
+    ref_model.config = copy.deepcopy(model.config)
+    ref_model.set_attn_implementation("eager")
+    with torch.no_grad():
+        ref = ref_model(ids, attention_mask=mask).logits[:, -1]
+        full = ref_model(ids).logits[:, -1]
+    assert torch.allclose(logits, ref, atol=1e-5)
+    assert not torch.allclose(logits, full, atol=1e-3)  # eviction really changed the result
+
+
+@pytest.mark.parametrize("name", list(_policies()))
+def test_eviction_equals_masking(name):
+    """Per-head/per-layer eviction (gather) gives the same logits as keeping the tokens and masking them."""
+    model = tiny_llama()
+    adapter = CausalLMAdapter(model)
+    ids = _ids(n=150)
+    gather = adapter.new_memory(_policies()[name](), update_interval=32, record=True)
+    out_gather = adapter.generate(gather, ids, max_new_tokens=20)
+    logits_gather = adapter.prefill(gather, out_gather[:, -1:])
+    evicted = sum(int(m) for m in gather.cache_tokens()) < len(gather.cache_tokens()) * gather.n_fed
+    assert evicted, "the policy should have evicted something in this test"
+    masked = adapter.new_memory(Replay(gather.history), update_interval=32, evict="mask")
+    out_masked = adapter.generate(masked, ids, max_new_tokens=20)
+    logits_masked = adapter.prefill(masked, out_masked[:, -1:])
+    assert torch.equal(out_gather, out_masked)
+    assert torch.allclose(logits_gather, logits_masked, atol=1e-5)
+    # the kept fraction reported equals what is physically in the cache after the last update
+    last = {layer: slots for layer, slots in gather.history}
+    for layer, slots in last.items():
+        assert slots.shape[-1] <= gather.cache_tokens()[layer]
+
+
+def test_left_padding_rows_equal_unpadded_runs(llama):
+    adapter = CausalLMAdapter(llama)
+    a, b = _ids(1, 90, seed=3), _ids(1, 60, seed=4)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 30, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :30] = 0
+    memory = adapter.new_memory(make_policy("full"), update_interval=32)
+    out = adapter.generate(memory, batch, mask, max_new_tokens=12)
+    for row, ids in ((0, a), (1, b)):
+        alone = adapter.generate(adapter.new_memory(make_policy("full"), update_interval=32), ids, max_new_tokens=12)
+        assert torch.equal(out[row : row + 1], alone)
+
+
+def test_kept_fraction_matches_cache_and_cache_shrinks(llama):
+    adapter = CausalLMAdapter(llama)
+    memory = adapter.new_memory(make_policy("recency", budget=48), update_interval=64)
+    adapter.prefill(memory, _ids(1, 256), chunk_size=64)
+    assert memory.cache_tokens() == [48, 48]
+    assert memory.cache.layers[0].keys.shape[2] == 48
+    assert memory.kept_fraction().item() == pytest.approx((48 / 64 + 48 / 128 + 48 / 192 + 48 / 256) / 4)
+    memory = adapter.new_memory(make_policy("recency", budget=0.25), update_interval=64)
+    adapter.prefill(memory, _ids(1, 256), chunk_size=64)
+    assert memory.cache_tokens() == [64, 64]  # ceil(0.25 * 256) at the last update
+    assert memory.kept_fraction().item() == pytest.approx(0.25)
+
+
+def test_snapshot_restore_answers_like_fresh(llama):
+    adapter = CausalLMAdapter(llama)
+    context, q1, q2 = _ids(1, 100, 5), _ids(1, 7, 6), _ids(1, 9, 7)
+    memory = adapter.new_memory(make_policy("h2o", budget=0.5), update_interval=32)
+    adapter.prefill(memory, context)
+    snap = memory.snapshot()
+    first = adapter.generate(memory, q1, max_new_tokens=10)
+    memory.restore(snap)
+    second = adapter.generate(memory, q2, max_new_tokens=10)
+    for q, got in ((q1, first), (q2, second)):
+        fresh = adapter.new_memory(make_policy("h2o", budget=0.5), update_interval=32)
+        adapter.prefill(fresh, context)
+        assert torch.equal(adapter.generate(fresh, q, max_new_tokens=10), got)
+
+
+def test_bad_inputs():
+    adapter = CausalLMAdapter(tiny_llama())
+    with pytest.raises(ValueError, match="multiple of 16"):
+        adapter.new_memory(make_policy("full"), update_interval=100)
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("lru")
+    with pytest.raises(ValueError, match="needs a budget"):
+        make_policy("h2o")
+    memory = adapter.new_memory(make_policy("full"), update_interval=32)
+    with pytest.raises(ValueError, match="crosses an update boundary"):
+        memory.begin_chunk(40)
+    assert memory.chunk_sizes(100, 24) == [24, 8, 24, 8, 24, 8, 4]

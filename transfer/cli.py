@@ -1,0 +1,118 @@
+"""namm-transfer: one frozen, evolved NAMM applied zero-shot to language, video and offline-RL transformers.
+
+Every command writes a run directory (config.json, predictions.jsonl, metrics.json) and reuses
+finished runs; rerun a killed command to resume it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+EPILOG = """examples:
+  namm-transfer reproduce --preset quick         # every domain on the shipped models, report in runs/report
+  namm-transfer eval lm --policies full,h2o,l2,namm --budget match
+  namm-transfer eval rl --env hopper --policy namm --episodes 5
+  namm-transfer eval video --benchmark longvideobench --data DIR --model ID_OR_PATH
+  namm-transfer evolve --preset cpu-small       # CMA-ES on the shipped LM, resumable
+  namm-transfer namm inspect artifacts/namm/namm-shipped
+  namm-transfer policies
+"""
+
+
+def _policies(args: argparse.Namespace) -> int:
+    from transfer.policies import BUDGETED, POLICIES
+
+    for name, (_, description) in POLICIES.items():
+        tag = "budget" if name in BUDGETED else ("budget optional" if name == "namm" else "no budget")
+        print(f"{name:10s} {description}  [{tag}]")
+    return 0
+
+
+def _namm_inspect(args: argparse.Namespace) -> int:
+    from transfer.namm import inspect_namm
+
+    print(json.dumps(inspect_namm(args.checkpoint), indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="namm-transfer", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("policies", help="list the memory policies with one-line descriptions")
+    p.set_defaults(func=_policies)
+
+    namm = sub.add_parser("namm", help="NAMM checkpoint tools").add_subparsers(dest="namm_command", required=True)
+    p = namm.add_parser("inspect", help="config, parameter count and norm statistics of a NAMM checkpoint")
+    p.add_argument("checkpoint", help="our checkpoint directory or a reference-implementation .pt file")
+    p.set_defaults(func=_namm_inspect)
+
+    ev = sub.add_parser("eval", help="evaluate memory policies in one domain").add_subparsers(
+        dest="domain", required=True
+    )
+    from eval import lm
+
+    p = ev.add_parser("lm", help="language: synthetic long-context tasks on a causal LM")
+    lm.add_arguments(p)
+    p.set_defaults(func=lm.run)
+    for name, module, help_text in (
+        ("rl", "eval.rl", "offline RL: Decision Transformer rollouts in MuJoCo"),
+        ("video", "eval.video", "video QA: LLaVA-NeXT-Video on LongVideoBench / MLVU / synthetic"),
+    ):
+        try:
+            mod = __import__(module, fromlist=["run"])
+        except ImportError as err:  # optional extras missing: the command explains itself
+            p = ev.add_parser(name, help=f"{help_text} (unavailable: {err})")
+            p.set_defaults(func=lambda a, e=err: sys.exit(f"error: {e}; install namm-transfer[all]"))
+            continue
+        p = ev.add_parser(name, help=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+
+    try:
+        from transfer import evolve
+
+        p = sub.add_parser("evolve", help="evolve a NAMM with CMA-ES on a causal LM (resumable)")
+        evolve.add_arguments(p)
+        p.set_defaults(func=evolve.run)
+    except ImportError:
+        pass
+
+    train = sub.add_parser("train", help="train the small shipped models").add_subparsers(dest="what", required=True)
+    for name, module, help_text in (
+        ("lm", "train.lm", "the source LM on synthetic long-context tasks"),
+        ("dt", "train.dt", "a Decision Transformer from a D4RL hdf5 / Minari dataset"),
+        ("video", "train.video", "the tiny LLaVA-NeXT-Video model on synthetic video QA"),
+    ):
+        p = train.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda a, m=module: __import__(m, fromlist=["main"]).main(a.rest))
+
+    try:
+        from eval import reproduce
+
+        p = sub.add_parser("reproduce", help="every domain on the embedded defaults -> report (tables, plots)")
+        reproduce.add_arguments(p)
+        p.set_defaults(func=reproduce.run)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Evolve a NAMM with CMA-ES on a causal LM: the reference recipe (namm-spec.md §2, §4).
+
+- CMA-ES (the maintained `cma` package: active covariance update, elite half, c_m = 1) over the 4172
+  flat BAM parameters, mean starting at 0, sigma0 = 0.065; the *mean* is the solution.
+- Generation 0 of the first stage is the reference's statistics pass: all-zero parameters keep every
+  token, and the per-bin EMA statistics collected there are frozen for every later stage and for eval.
+- Fitness of a member = mean over the stage's tasks of (its score / the full-cache score on the same
+  prompts); prompts are drawn fresh every generation.
+- Stages chain: stage k starts from stage k-1's mean. A checkpoint is written after every generation
+  (CMA state + log + the current mean as a NAMM in our format); rerunning the command resumes.
+- Members are spread over processes/GPUs with accelerate (`accelerate launch -m transfer.cli evolve`):
+  every process runs the same CMA-ES (same seeds, same gathered fitness), so their states stay
+  identical and only the main process writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eval.lm import DEFAULT_LM, answer_batch, load_lm, make_examples
+from transfer.namm import PARAM_SIZE, NAMMConfig, NormStats, save_namm
+from transfer.policies.full import FullCache
+from transfer.policies.namm import NAMMPolicy
+from transfer.rundir import write_json_atomic
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Runs on the 2-core CPU in a few minutes: proves the loop, not a useful NAMM.
+    "cpu-small": dict(stages=["mqar"], generations=[3], popsize=6, prompts=4, length=512, update_interval=128),
+    # The shipped NAMM's recipe on one GPU (see artifacts/namm/namm-shipped/PROVENANCE.md).
+    "gpu": dict(stages=["mqar", "mqar,niah_multikey", "mqar,niah_multikey,passage"], generations=[40, 30, 30],
+                popsize=32, prompts=16, length=1024, update_interval=256),
+}
+
+
+@dataclass
+class EvolveConfig:
+    model: str = str(DEFAULT_LM)
+    stages: list[str] = field(default_factory=lambda: ["mqar"])
+    generations: list[int] = field(default_factory=lambda: [3])
+    popsize: int = 32
+    sigma0: float = 0.065
+    prompts: int = 16  # per task per generation
+    length: int = 1024
+    update_interval: int = 256
+    batch_size: int = 16
+    seed: int = 1337
+    device: str = "cpu"
+    out: str = "runs/evolve"
+
+
+def _stage_fitness(
+    adapter: Any, tokenizer: Any, policy_factory: Any, examples: list, cfg: EvolveConfig
+) -> tuple[dict[str, float], float]:
+    """Mean score per task and mean kept fraction of one policy on the generation's prompts."""
+    rows = []
+    for start in range(0, len(examples), cfg.batch_size):
+        batch = examples[start : start + cfg.batch_size]
+        rows += answer_batch(adapter, tokenizer, policy_factory, batch, cfg.update_interval)
+    per_task: dict[str, list[float]] = {}
+    for row in rows:
+        per_task.setdefault(row["task"], []).append(row["score"])
+    kept = float(np.mean([r["kept_fraction"] for r in rows]))
+    return {t: float(np.mean(v)) for t, v in per_task.items()}, kept
+
+
+def _relative(scores: dict[str, float], full: dict[str, float]) -> float:
+    """The reference fitness: mean over tasks of score / full-cache score on the same prompts."""
+    return float(np.mean([scores[t] / max(full[t], 1e-3) for t in full]))
+
+
+def evolve(cfg: EvolveConfig) -> Path:
+    """Run (or resume) every stage; returns the directory of the final NAMM."""
+    import cma
+    from accelerate import PartialState
+
+    state = PartialState(cpu=cfg.device == "cpu")
+    out = Path(cfg.out)
+    ckpt_file = out / "evolution.pkl"
+    device = cfg.device if cfg.device == "cpu" else str(state.device)
+    adapter, tokenizer = load_lm(cfg.model, device)
+    torch.manual_seed(cfg.seed)
+
+    ckpt: dict[str, Any] = {"stage": 0, "generation": 0, "es": None, "norm": None, "log": []}
+    if ckpt_file.exists():
+        ckpt = pickle.loads(ckpt_file.read_bytes())
+        if state.is_main_process:
+            print(f"resuming {out}: stage {ckpt['stage'] + 1}, generation {ckpt['generation']}")
+    elif state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "config.json", asdict(cfg))
+
+    if ckpt["norm"] is None:  # the reference's iteration 0: full-cache statistics with all-zero parameters
+        examples = make_examples(cfg.stages[0], cfg.prompts, cfg.length, cfg.seed - 1)
+        stats_policy = NAMMPolicy(torch.zeros(PARAM_SIZE), collect_norm=True)
+        _stage_fitness(adapter, tokenizer, lambda: stats_policy, examples, cfg)
+        ckpt["norm"] = stats_policy.norm
+    norm: NormStats = ckpt["norm"]
+
+    while ckpt["stage"] < len(cfg.stages):
+        stage, tasks = ckpt["stage"], cfg.stages[ckpt["stage"]]
+        if ckpt["es"] is None:
+            x0 = ckpt.get("mean_prev", np.zeros(PARAM_SIZE))
+            ckpt["es"] = cma.CMAEvolutionStrategy(
+                x0, cfg.sigma0, {"popsize": cfg.popsize, "seed": cfg.seed + stage, "verbose": -9}
+            )
+        es = ckpt["es"]
+        while ckpt["generation"] < cfg.generations[stage]:
+            gen = ckpt["generation"]
+            t0 = time.time()
+            np.random.seed(cfg.seed + 7919 * stage + gen)  # identical samples on every process and on resume
+            members = es.ask()
+            examples = make_examples(tasks, cfg.prompts, cfg.length, cfg.seed + 100_003 * (stage + 1) + gen)
+            full, _ = _stage_fitness(adapter, tokenizer, FullCache, examples, cfg)
+            mine = list(range(len(members)))
+            with state.split_between_processes(mine) as share:
+                local = []
+                for i in share:
+                    theta = torch.tensor(members[i], dtype=torch.float32)
+                    scores, kept = _stage_fitness(
+                        adapter, tokenizer, lambda t=theta: NAMMPolicy(t, norm), examples, cfg
+                    )
+                    local.append((i, _relative(scores, full), kept))
+            if state.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                local = gather_object(local)
+            results = sorted(local)
+            fitness = [f for _, f, _ in results]
+            kept = [k for _, _, k in results]
+            es.tell(members, [-f for f in fitness])  # cma minimises
+            mean_theta = torch.tensor(es.mean, dtype=torch.float32)
+            mean_scores, mean_kept = _stage_fitness(
+                adapter, tokenizer, lambda: NAMMPolicy(mean_theta, norm), examples, cfg
+            )
+            entry = {
+                "stage": stage + 1, "tasks": tasks, "generation": gen + 1, "best_fitness": max(fitness),
+                "mean_member_fitness": float(np.mean(fitness)), "mean_fitness": _relative(mean_scores, full),
+                "mean_kept_fraction": mean_kept, "member_kept_fraction": float(np.mean(kept)),
+                "full_cache_scores": full, "sigma": float(es.sigma), "seconds": time.time() - t0,
+            }
+            ckpt["log"].append(entry)
+            ckpt["generation"] = gen + 1
+            if state.is_main_process:
+                print(
+                    f"stage {stage + 1} gen {gen + 1}/{cfg.generations[stage]}  best {entry['best_fitness']:.3f}  "
+                    f"members {entry['mean_member_fitness']:.3f}  mean {entry['mean_fitness']:.3f}  "
+                    f"kept {100 * mean_kept:.1f}%  sigma {es.sigma:.4f}  {entry['seconds']:.1f}s",
+                    flush=True,
+                )
+                _save(out, ckpt, mean_theta, norm, cfg)
+        ckpt["mean_prev"] = np.asarray(es.mean)
+        ckpt["stage"], ckpt["generation"], ckpt["es"] = stage + 1, 0, None
+        if state.is_main_process:
+            _save(out, ckpt, torch.tensor(ckpt["mean_prev"], dtype=torch.float32), norm, cfg)
+    return out / "namm"
+
+
+def _save(out: Path, ckpt: dict, theta: torch.Tensor, norm: NormStats, cfg: EvolveConfig) -> None:
+    """Checkpoint (atomic), the current mean as a NAMM, the log and the fitness curve."""
+    tmp = out / "evolution.pkl.tmp"
+    tmp.write_bytes(pickle.dumps(ckpt))
+    tmp.replace(out / "evolution.pkl")
+    provenance = {"made_by": "namm-transfer evolve", "config": asdict(cfg), "generations_done": len(ckpt["log"])}
+    save_namm(out / "namm", theta, norm, NAMMConfig(), provenance=provenance)
+    write_json_atomic(out / "log.json", ckpt["log"])
+    plot_fitness(ckpt["log"], out / "fitness.png")
+
+
+def plot_fitness(log: list[dict], path: Path) -> None:
+    """Fitness (best member, member mean, CMA mean) and the mean's kept fraction per generation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not log:
+        return
+    x = np.arange(1, len(log) + 1)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(x, [e["best_fitness"] for e in log], label="best member")
+    ax1.plot(x, [e["mean_member_fitness"] for e in log], label="member average")
+    ax1.plot(x, [e["mean_fitness"] for e in log], label="CMA mean (the solution)", lw=2)
+    ax1.axhline(1.0, color="gray", ls=":", label="full cache")
+    ax1.set_xlabel("generation (all stages)")
+    ax1.set_ylabel("fitness = score / full-cache score")
+    ax1.legend(fontsize=8)
+    ax2.plot(x, [100 * e["mean_kept_fraction"] for e in log], color="C3")
+    ax2.set_xlabel("generation (all stages)")
+    ax2.set_ylabel("kept cache % (CMA mean)")
+    for i in range(1, len(log)):
+        if log[i]["stage"] != log[i - 1]["stage"]:
+            for ax in (ax1, ax2):
+                ax.axvline(i + 0.5, color="k", alpha=0.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
+                   help="cpu-small: a few generations on the CPU in minutes; gpu: the shipped NAMM's recipe")
+    p.add_argument("--model", default=str(DEFAULT_LM), help="HF causal LM id or path")
+    p.add_argument("--stages", nargs="+", help="tasks per stage, e.g. mqar mqar,niah_multikey (overrides preset)")
+    p.add_argument("--generations", nargs="+", type=int, help="generations per stage (overrides preset)")
+    p.add_argument("--popsize", type=int)
+    p.add_argument("--prompts", type=int, help="prompts per task per generation")
+    p.add_argument("--length", type=int, help="prompt length in tokens")
+    p.add_argument("--update-interval", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="runs/evolve", help="output directory; rerun the same command to resume")
+
+
+def run(args: argparse.Namespace) -> int:
+    preset = dict(PRESETS[args.preset])
+    overrides = {
+        "stages": args.stages, "generations": args.generations, "popsize": args.popsize, "prompts": args.prompts,
+        "length": args.length, "update_interval": args.update_interval,
+    }
+    preset.update({k: v for k, v in overrides.items() if v is not None})
+    if len(preset["generations"]) != len(preset["stages"]):
+        raise ValueError(f"--generations needs one count per stage ({len(preset['stages'])} stages)")
+    cfg = EvolveConfig(model=args.model, batch_size=args.batch_size, seed=args.seed, device=args.device,
+                       out=args.out, **preset)
+    final = evolve(cfg)
+    print(f"NAMM written to {final}; log and fitness curve in {cfg.out}")
+    print(json.dumps(json.loads((Path(cfg.out) / "log.json").read_text())[-1], indent=1))
+    return 0

@@ -1,0 +1,145 @@
+"""The loop every domain evaluation shares: policies x examples, resumable, with matched budgets.
+
+A domain evaluator (eval/lm.py, eval/rl.py, eval/video.py) supplies the examples and a function that
+evaluates one batch of them under one policy; this module builds the policies, runs the NAMM first
+when baselines are to be matched to its memory, skips finished work, shows progress and writes run
+directories (config, predictions.jsonl, metrics.json).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from transfer.policies import make_policy
+from transfer.rundir import RunDir, slug
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy name with its budget: tokens (int), a kept fraction (float), 'match' or None."""
+
+    name: str
+    budget: float | int | str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.budget is None:
+            return self.name
+        return f"{self.name}@{self.budget}"
+
+
+def parse_policies(names: str, budgets: str | None = None) -> list[PolicySpec]:
+    """'full,h2o,l2,namm' x budgets '0.25,0.5' or 'match' -> specs (budgets apply to budgeted policies).
+
+    full and namm take no budget by default; `namm@0.5` style sets one explicitly (budget mode).
+    """
+    from transfer.policies import BUDGETED, POLICIES
+
+    budget_list: list[Any] = [_parse_budget(b) for b in (budgets or "match").split(",")]
+    specs = []
+    for item in names.split(","):
+        name, _, explicit = item.strip().partition("@")
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy {name!r}; choose from: {', '.join(POLICIES)}")
+        if explicit:
+            specs.append(PolicySpec(name, _parse_budget(explicit)))
+        elif name in BUDGETED:
+            specs.extend(PolicySpec(name, b) for b in budget_list)
+        else:
+            specs.append(PolicySpec(name))
+    # The NAMM runs first so that 'match' budgets can read its kept fractions.
+    return sorted(specs, key=lambda s: (s.name != "namm" or s.budget is not None, s.name != "full"))
+
+
+def _parse_budget(text: str) -> float | int | str:
+    text = text.strip()
+    if text == "match":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"budget must be a token count, a fraction in (0, 1] or 'match', got {text!r}") from None
+    if value <= 0:
+        raise ValueError(f"budget must be positive, got {text!r}")
+    return value if value <= 1 else int(value)
+
+
+def run_examples(
+    run: RunDir,
+    examples: Sequence[Any],
+    evaluate_batch: Callable[[list[Any]], list[dict[str, Any]]],
+    batch_size: int = 1,
+    description: str = "",
+) -> list[dict[str, Any]]:
+    """Evaluate the examples not yet in run's predictions, batch by batch; returns all rows in order.
+
+    Each example needs an `id`; `evaluate_batch` returns one row (with that id) per example.
+    """
+    done = {row["id"]: row for row in run.predictions()}
+    todo = [ex for ex in examples if ex.id not in done]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as progress:
+        bar = progress.add_task(description or run.path.name, total=len(examples), completed=len(examples) - len(todo))
+        for start in range(0, len(todo), batch_size):
+            for row in evaluate_batch(list(todo[start : start + batch_size])):
+                run.add_prediction(row)
+                done[row["id"]] = row
+            progress.advance(bar, min(batch_size, len(todo) - start))
+    return [done[ex.id] for ex in examples]
+
+
+def build_policy(spec: PolicySpec, namm: str | None, matched: float | None) -> Any:
+    """The policy object for one batch; `matched` is the NAMM's kept fraction on that batch."""
+    budget = spec.budget
+    if budget == "match":
+        if matched is None:
+            raise ValueError(f"{spec.label}: no NAMM run to match; include 'namm' in the policies")
+        budget = float(min(max(matched, 1e-3), 1.0))
+    return make_policy(spec.name, budget=budget, namm=namm)
+
+
+def evaluate_policies(
+    specs: Sequence[PolicySpec],
+    examples: Sequence[Any],
+    evaluate_batch: Callable[[Any, list[Any]], list[dict[str, Any]]],
+    summarize: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    out_dir: str | Path,
+    config: dict[str, Any],
+    namm: str | None = None,
+    batch_size: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """Run every policy over the examples; returns {policy label: metrics} and writes run dirs.
+
+    evaluate_batch(policy_factory, batch) gets a zero-argument factory so each sequence/episode gets
+    a fresh policy; rows must hold `id` and `kept_fraction`.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    namm_kept: dict[str, float] = {}
+    for spec in specs:
+        run = RunDir(Path(out_dir) / slug(spec.label), {**config, "policy": asdict(spec), "namm": namm})
+        if run.finished():
+            results[spec.label] = run.metrics()
+        else:
+
+            def batch_fn(batch: list[Any], spec: PolicySpec = spec, kept: dict = namm_kept) -> list[dict[str, Any]]:
+                matched = None
+                if spec.budget == "match" and kept:
+                    matched = sum(kept[ex.id] for ex in batch) / len(batch)
+                rows = evaluate_batch(lambda: build_policy(spec, namm, matched), batch)
+                for row in rows:
+                    row["policy"] = spec.label
+                return rows
+
+            label = f"{config.get('domain', '')} {spec.label}"
+            rows = run_examples(run, examples, batch_fn, batch_size, description=label)
+            metrics = {**summarize(rows), "policy": spec.label, "n_examples": len(rows)}
+            run.write_metrics(metrics)
+            results[spec.label] = metrics
+        if spec.name == "namm" and spec.budget is None:
+            namm_kept = {row["id"]: row["kept_fraction"] for row in run.predictions()}
+    return results
