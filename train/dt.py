@@ -1,0 +1,504 @@
+"""Train a small Decision Transformer (HF `DecisionTransformerModel`, GPT-2 backbone) on a D4RL-format hdf5.
+
+    python -m train.dt --data artifacts/rl/data/hopper-medium-v5.hdf5 --env hopper --out artifacts/rl/dt-hopper \
+        --context 64 --steps 3000
+
+Follows the DT paper / CORL recipe: returns-to-go divided by `return_scale` (1000), states normalised with
+the dataset mean/std, timestep embeddings, tanh actions, trajectories sampled in proportion to their length,
+AdamW with linear warmup, grad-norm clip 0.25, MSE on the predicted actions. The context is long (K=64 steps
+= 192 tokens by default) so that KV-cache eviction has something to work with.
+
+The saved folder loads with `DecisionTransformerModel.from_pretrained(dir)`; its config also carries
+`state_mean`, `state_std` (lists, edbeeching format), `return_scale`, `target_return`, `env_name`,
+`env_version` and `context_length`. `rollout_sliding_window` is the no-cache reference evaluator (HF example).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from envs.d4rl import Dataset, d4rl_normalized_score, load_d4rl_hdf5, normalized_score
+from envs.mujoco import get_spec
+
+DEFAULT_SCALE = 1000.0
+
+
+@dataclass
+class DTConfig:
+    data: str = ""
+    env: str = "hopper"
+    out: str = "runs/dt"
+    version: str = "v5"
+    context: int = 64  # K steps; the model sees 3K tokens (R, s, a)
+    hidden: int = 128
+    layers: int = 3
+    heads: int = 1
+    dropout: float = 0.1
+    max_ep_len: int = 1000
+    return_scale: float = DEFAULT_SCALE
+    target_return: float | None = None  # default: the DT paper's target for the env
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup: int = 500
+    grad_clip: float = 0.25
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0  # 0: torch default
+    log_every: int = 50
+    ckpt_every: int = 500  # resume checkpoint interval (steps)
+    eval_episodes: int = 0  # >0: evaluate with rollout_sliding_window after training (needs gymnasium)
+    eval_max_steps: int = 1000
+
+
+# ----------------------------------------------------------------------------- preprocessing (shared)
+
+
+def normalize_state(state, mean, std):
+    """(s - mean) / std with the dataset statistics stored in the model config."""
+    return (state - mean) / std
+
+
+def initial_rtg(target_return: float, scale: float = DEFAULT_SCALE) -> float:
+    """First return-to-go token: the desired episode return in model units."""
+    return float(target_return) / float(scale)
+
+
+def update_rtg(rtg: float, reward: float, scale: float = DEFAULT_SCALE) -> float:
+    """rtg_{t+1} = rtg_t - r_t / scale (DT paper)."""
+    return rtg - float(reward) / float(scale)
+
+
+def returns_to_go(rewards: np.ndarray) -> np.ndarray:
+    """Undiscounted suffix sums: rtg[t] = sum_{t' >= t} r[t']."""
+    return np.cumsum(rewards[::-1], dtype=np.float64)[::-1].astype(np.float32)
+
+
+def model_stats(model) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(state_mean, state_std, return_scale) from a model config; float32 tensors on the model's device."""
+    cfg = model.config
+    dev = next(model.parameters()).device
+    mean = torch.tensor(cfg.state_mean, dtype=torch.float32, device=dev)
+    std = torch.tensor(cfg.state_std, dtype=torch.float32, device=dev)
+    return mean, std, float(getattr(cfg, "return_scale", DEFAULT_SCALE))
+
+
+def window_inputs(states, actions, rtg, timesteps, context: int):
+    """Last `context` steps of one history, left-padded with zeros and mask 0 (HF DT example `get_action`).
+
+    states (T, obs_dim) already normalised, actions (T, act_dim) with zeros for the current step,
+    rtg (T,), timesteps (T,) -> dict of batch-1 model inputs, each (1, context, ...).
+    """
+    states, actions = states[-context:], actions[-context:]
+    rtg, timesteps = rtg[-context:], timesteps[-context:]
+    pad = context - states.shape[0]
+    dev = states.device
+
+    def left(x, value=0):
+        shape = (pad,) + tuple(x.shape[1:])
+        return torch.cat([torch.full(shape, value, dtype=x.dtype, device=dev), x], 0).unsqueeze(0)
+
+    mask = torch.cat([torch.zeros(pad, dtype=torch.long, device=dev), torch.ones(states.shape[0], dtype=torch.long,
+                                                                                   device=dev)])
+    return {
+        "states": left(states),
+        "actions": left(actions),
+        "rewards": torch.zeros(1, context, 1, device=dev),  # unused by the model, kept for the signature
+        "returns_to_go": left(rtg).unsqueeze(-1),
+        "timesteps": left(timesteps),
+        "attention_mask": mask.unsqueeze(0),
+    }
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class TrajectorySampler:
+    """Length-weighted windows of K steps from a Dataset, built with index arithmetic (no per-token loops)."""
+
+    def __init__(self, data: Dataset, context: int, scale: float, max_ep_len: int, seed: int):
+        self.k, self.max_ep_len = context, max_ep_len
+        self.mean, self.std = data.state_stats()
+        self.obs = normalize_state(np.concatenate([e.observations for e in data.episodes]), self.mean, self.std)
+        self.act = np.concatenate([e.actions for e in data.episodes])
+        self.rtg = np.concatenate([returns_to_go(e.rewards) for e in data.episodes]) / scale
+        lengths = data.lengths
+        self.starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        self.lengths = lengths
+        self.t = np.concatenate([np.arange(n) for n in lengths])
+        self.p = lengths / lengths.sum()
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, batch: int) -> dict[str, torch.Tensor]:
+        ep = self.rng.choice(len(self.lengths), size=batch, p=self.p)
+        si = (self.rng.random(batch) * self.lengths[ep]).astype(np.int64)  # start inside the episode
+        n_valid = np.minimum(self.k, self.lengths[ep] - si)  # (batch,)
+        # left padding: slot j holds step si + j - (K - n_valid)
+        j = np.arange(self.k)[None, :]  # (1, K)
+        offs = j - (self.k - n_valid)[:, None]  # (batch, K)
+        valid = offs >= 0
+        flat = self.starts[ep][:, None] + si[:, None] + np.where(valid, offs, 0)  # (batch, K)
+        mask = valid.astype(np.int64)
+        obs = self.obs[flat] * valid[..., None]
+        act = self.act[flat] * valid[..., None]
+        rtg = self.rtg[flat] * valid
+        ts = np.minimum(self.t[flat], self.max_ep_len - 1) * valid
+        return {
+            "states": torch.from_numpy(obs.astype(np.float32)),
+            "actions": torch.from_numpy(act.astype(np.float32)),
+            "rewards": torch.zeros(batch, self.k, 1),
+            "returns_to_go": torch.from_numpy(rtg.astype(np.float32))[..., None],
+            "timesteps": torch.from_numpy(ts.astype(np.int64)),
+            "attention_mask": torch.from_numpy(mask),
+        }
+
+
+# ----------------------------------------------------------------------------- model I/O
+
+
+def build_model(cfg: DTConfig, state_dim: int, act_dim: int, state_mean, state_std):
+    from transformers import DecisionTransformerConfig, DecisionTransformerModel
+
+    spec = get_spec(cfg.env)
+    mcfg = DecisionTransformerConfig(
+        state_dim=state_dim, act_dim=act_dim, hidden_size=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads,
+        # n_positions only sizes wpe, which DT never uses (it feeds position_ids = 0)
+        n_inner=4 * cfg.hidden, activation_function="relu", n_positions=3 * cfg.context,
+        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, max_ep_len=cfg.max_ep_len,
+        action_tanh=True, max_length=cfg.context,
+    )
+    mcfg.state_mean = [float(x) for x in state_mean]
+    mcfg.state_std = [float(x) for x in state_std]
+    mcfg.return_scale = float(cfg.return_scale)
+    mcfg.target_return = float(cfg.target_return if cfg.target_return is not None else spec.target_return)
+    mcfg.env_name = spec.name
+    mcfg.env_version = cfg.version
+    mcfg.context_length = int(cfg.context)
+    return DecisionTransformerModel(mcfg)
+
+
+def load_dt(id_or_path: str | os.PathLike, env_name: str | None = None, device: str = "cpu",
+            state_mean=None, state_std=None):
+    """Load our folders or an edbeeching-style checkpoint (state_mean/std in config) in eval mode.
+
+    Missing fields get the edbeeching defaults (return_scale 1000, context = config.max_length or 20,
+    target = the DT paper's target); `env_name` (or config.env_name) is checked against state/act sizes.
+    """
+    from transformers import DecisionTransformerModel
+
+    p = Path(id_or_path)
+    if p.exists() and not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}: not a model folder (no config.json)")
+    try:
+        model = DecisionTransformerModel.from_pretrained(str(id_or_path))
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load Decision Transformer {str(id_or_path)!r}: {e}") from None
+    cfg = model.config
+    if state_mean is not None:
+        cfg.state_mean, cfg.state_std = [float(x) for x in state_mean], [float(x) for x in state_std]
+    if getattr(cfg, "state_mean", None) is None or getattr(cfg, "state_std", None) is None:
+        raise ValueError(f"{id_or_path}: config has no state_mean/state_std; pass them explicitly")
+    if len(cfg.state_mean) != cfg.state_dim or len(cfg.state_std) != cfg.state_dim:
+        raise ValueError(f"{id_or_path}: state_mean/state_std length does not match state_dim={cfg.state_dim}")
+    name = env_name or getattr(cfg, "env_name", None)
+    if name is not None:
+        spec = get_spec(name)
+        if cfg.state_dim != spec.obs_dim or cfg.act_dim != spec.act_dim:
+            raise ValueError(f"{id_or_path}: model state/action size {cfg.state_dim}/{cfg.act_dim} does not match "
+                             f"{spec.name} ({spec.obs_dim}/{spec.act_dim})")
+        cfg.env_name = spec.name
+        if getattr(cfg, "target_return", None) is None:
+            cfg.target_return = spec.target_return
+    if getattr(cfg, "return_scale", None) is None:
+        cfg.return_scale = DEFAULT_SCALE
+    if getattr(cfg, "context_length", None) is None:
+        cfg.context_length = int(getattr(cfg, "max_length", None) or 20)
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- reference rollout
+
+
+@torch.no_grad()
+def rollout_sliding_window(model, env, target_return: float | None = None, context: int | None = None,
+                           episodes: int = 1, seed: int = 0, device: str | torch.device = "cpu",
+                           max_steps: int | None = None) -> list[float]:
+    """Episode returns with the HF-example evaluator: every env step re-runs the last K steps, no cache.
+
+    `env` is a gymnasium env or an env name; states are normalised with the config's mean/std,
+    rtg starts at target_return/scale and drops by r/scale each step, the current action is zero,
+    and the window is left-padded with attention_mask 0. `max_steps` shortens episodes (default 1000).
+    """
+    if isinstance(env, str):
+        from envs.mujoco import make_env
+
+        env = make_env(env, getattr(model.config, "env_version", "v5"))
+    model = model.to(device).eval()
+    cfg = model.config
+    obs_dim, act_dim = cfg.state_dim, cfg.act_dim
+    if env.observation_space.shape != (obs_dim,):
+        raise ValueError(f"env observation shape {env.observation_space.shape} does not match the model's "
+                         f"state_dim={obs_dim}")
+    mean, std, scale = model_stats(model)
+    context = int(context or getattr(cfg, "context_length", None) or getattr(cfg, "max_length", 20))
+    target = float(target_return if target_return is not None else cfg.target_return)
+    horizon = int(max_steps or cfg.max_ep_len)
+    returns = []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        states = torch.zeros(horizon + 1, obs_dim, device=device)  # normalised states
+        actions = torch.zeros(horizon, act_dim, device=device)
+        rtg = torch.zeros(horizon + 1, device=device)
+        timesteps = torch.arange(horizon + 1, device=device).clamp(max=cfg.max_ep_len - 1)
+        states[0] = normalize_state(torch.as_tensor(obs, dtype=torch.float32, device=device), mean, std)
+        rtg[0] = initial_rtg(target, scale)
+        ep_ret = 0.0
+        for t in range(horizon):
+            inp = window_inputs(states[: t + 1], actions[: t + 1], rtg[: t + 1], timesteps[: t + 1], context)
+            action = model(**inp).action_preds[0, -1]
+            actions[t] = action
+            obs, r, term, trunc, _ = env.step(action.cpu().numpy())
+            ep_ret += float(r)
+            states[t + 1] = normalize_state(torch.as_tensor(obs, dtype=torch.float32, device=device), mean, std)
+            rtg[t + 1] = update_rtg(float(rtg[t]), r, scale)
+            if term or trunc:
+                break
+        returns.append(ep_ret)
+    return returns
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _log(msg: str) -> None:
+    print(f"[train.dt {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _lr_lambda(cfg: DTConfig):
+    return lambda step: min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def write_curve(rows: list[dict], out: Path) -> None:
+    """loss.csv (step, loss, lr) and, where matplotlib is installed, loss.png."""
+    with open(out / "loss.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "loss", "lr"])
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        plot_curve(out)
+    except ImportError:
+        _log("matplotlib missing: wrote loss.csv only (re-plot with plot_curve(dir))")
+
+
+def plot_curve(out: Path) -> None:
+    """loss.png from loss.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(Path(out) / "loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = np.array([int(r["step"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(steps, loss, lw=0.6, alpha=0.4, label="per step")
+    if len(loss) >= 50:
+        ax.plot(steps[49:], np.convolve(loss, np.ones(50) / 50, mode="valid"), lw=1.2, label="mean of 50")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("action MSE")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(out) / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def train(cfg: DTConfig, command: str | None = None) -> dict:
+    """Train, save (atomically) and optionally evaluate; resumes from `<out>.partial/resume.pt`."""
+    spec = get_spec(cfg.env)
+    if cfg.context < 1 or cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError("context, steps and batch_size must be >= 1")
+    data = load_d4rl_hdf5(cfg.data, env_name=spec.name)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    sampler = TrajectorySampler(data, cfg.context, cfg.return_scale, cfg.max_ep_len, cfg.seed)
+    model = build_model(cfg, data.obs_dim, data.act_dim, sampler.mean, sampler.std).to(cfg.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    out = Path(cfg.out)
+    partial = Path(str(out) + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    resume = partial / "resume.pt"
+    rows: list[dict] = []
+    step, wall = 0, 0.0
+    if resume.exists():
+        ck = torch.load(resume, map_location=cfg.device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        step, rows, wall = ck["step"], ck["rows"], ck["wall"]
+        sampler.rng = ck["rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        _log(f"resumed from {resume} at step {step}")
+    _log(f"{spec.name}: {len(data)} episodes, {data.num_steps} steps, return {data.returns.mean():.1f}; "
+         f"K={cfg.context}, {sum(p.numel() for p in model.parameters())} params, device {cfg.device}")
+    model.train()
+    t0 = time.time()
+    while step < cfg.steps:
+        batch = {k: v.to(cfg.device) for k, v in sampler.sample(cfg.batch_size).items()}
+        target = batch["actions"].clone()
+        pred = model(**batch).action_preds  # (batch, K, act_dim)
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        loss = (((pred - target) ** 2) * m).sum() / (m.sum() * target.shape[-1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        rows.append({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            recent = np.mean([r["loss"] for r in rows[-cfg.log_every:]])
+            el = wall + time.time() - t0
+            _log(f"step {step}/{cfg.steps} loss {recent:.4f} ({el:.0f}s, {step / max(el, 1e-9):.1f} steps/s)")
+        if step % cfg.ckpt_every == 0 and step < cfg.steps:
+            tmp = resume.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step, "rows": rows, "wall": wall + time.time() - t0, "rng": sampler.rng,
+                        "torch_rng": torch.get_rng_state()}, tmp)
+            os.replace(tmp, resume)
+    wall += time.time() - t0
+    model.eval()
+    summary = {"env": spec.name, "data": str(cfg.data), "dataset_episodes": len(data),
+               "dataset_steps": data.num_steps, "dataset_return_mean": float(data.returns.mean()),
+               "dataset_metadata": {k: v for k, v in data.metadata.items()}, "train_wall_s": round(wall, 1),
+               "final_loss_mean_100": float(np.mean([r["loss"] for r in rows[-100:]])),
+               "device": cfg.device if cfg.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
+               "host": socket.gethostname(), "torch": torch.__version__, "config": asdict(cfg),
+               "command": command or "python -m train.dt " + " ".join(sys.argv[1:])}
+    if cfg.eval_episodes > 0:
+        summary["eval"] = evaluate(model.cpu(), spec.name, cfg.version, cfg.eval_episodes, cfg.seed + 100,
+                                   cfg.eval_max_steps, data.metadata)
+    save_run(model, rows, summary, out, partial)
+    return summary
+
+
+def evaluate(model, env_name: str, version: str, episodes: int, seed: int, max_steps: int,
+             metadata: dict | None = None) -> dict:
+    """Sliding-window returns -> D4RL-normalised and dataset-normalised scores (mean, std)."""
+    from envs.mujoco import make_env
+
+    env = make_env(env_name, version)
+    t0 = time.time()
+    rets = np.array(rollout_sliding_window(model, env, episodes=episodes, seed=seed, max_steps=max_steps))
+    env.close()
+    d4 = d4rl_normalized_score(env_name, rets)
+    res = {"episodes": episodes, "seed": seed, "max_steps": max_steps, "target_return": model.config.target_return,
+           "return_mean": float(rets.mean()), "return_std": float(rets.std()), "returns": rets.round(2).tolist(),
+           "d4rl_score_mean": float(d4.mean()), "d4rl_score_std": float(d4.std()),
+           "eval_wall_s": round(time.time() - t0, 1)}
+    meta = metadata or {}
+    if "random_return" in meta and "expert_return" in meta:
+        own = normalized_score(rets, float(meta["random_return"]), float(meta["expert_return"]))
+        res.update({"dataset_score_mean": float(own.mean()), "dataset_score_std": float(own.std()),
+                    "random_return": float(meta["random_return"]), "expert_return": float(meta["expert_return"])})
+    _log(f"eval {env_name}: return {rets.mean():.1f} +- {rets.std():.1f}, D4RL score {d4.mean():.1f}"
+         + (f", dataset score {res['dataset_score_mean']:.1f}" if "dataset_score_mean" in res else ""))
+    return res
+
+
+def save_run(model, rows: list[dict], summary: dict, out: Path, partial: Path | None = None) -> None:
+    """Model (safetensors) + loss.csv/png + summary.json into a temp dir, then swapped in for `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        write_curve(rows, tmp)
+        keep = [f for f in ("PROVENANCE.md",) if (out / f).exists()]
+        for f in keep:
+            shutil.copy(out / f, tmp / f)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = out.with_name(out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if partial is not None:
+        shutil.rmtree(partial, ignore_errors=True)
+    _log(f"saved {out}")
+
+
+def parse_args(argv: list[str] | None = None) -> DTConfig:
+    d = DTConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="D4RL-format hdf5")
+    p.add_argument("--env", required=True, help="hopper | halfcheetah | walker2d")
+    p.add_argument("--out", required=True)
+    for name in ("version", "context", "hidden", "layers", "heads", "dropout", "max_ep_len", "return_scale",
+                 "target_return", "steps", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "seed",
+                 "device", "threads", "log_every", "ckpt_every", "eval_episodes", "eval_max_steps"):
+        default = getattr(d, name)
+        typ = float if name == "target_return" else type(default)
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default)
+    a = p.parse_args(argv)
+    return DTConfig(**vars(a))
+
+
+def evaluate_dir(path: str | os.PathLike, episodes: int, max_steps: int, seed: int = 100) -> dict:
+    """Evaluate a saved run on CPU and record the result in its summary.json (atomically)."""
+    path = Path(path)
+    model = load_dt(path)
+    summary_path = path / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if not (path / "loss.png").exists() and (path / "loss.csv").exists():
+        plot_curve(path)
+    meta = summary.get("dataset_metadata", {})
+    res = evaluate(model, model.config.env_name, getattr(model.config, "env_version", "v5"), episodes, seed,
+                   max_steps, meta)
+    res["eval_host"] = socket.gethostname()
+    res["eval_device"] = f"cpu ({torch.get_num_threads()} threads)"
+    summary["eval"] = res
+    tmp = summary_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    os.replace(tmp, summary_path)
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] == "eval":  # python -m train.dt eval DIR [--episodes N] [--max-steps T] [--seed S]
+        p = argparse.ArgumentParser(description="evaluate a trained DT folder with rollout_sliding_window")
+        p.add_argument("dir")
+        p.add_argument("--episodes", type=int, default=5)
+        p.add_argument("--max-steps", type=int, default=1000)
+        p.add_argument("--seed", type=int, default=100)
+        a = p.parse_args(args[1:])
+        return evaluate_dir(a.dir, a.episodes, a.max_steps, a.seed)
+    cfg = parse_args(argv)
+    return train(cfg, command="python -m train.dt " + " ".join(args))
+
+
+if __name__ == "__main__":
+    main()
