@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -420,3 +421,55 @@ def test_bad_inputs_raise():
     bufs = NAMMBuffers(torch.zeros(B, H, 3, 16), torch.zeros(B, H, 3, N_BINS))
     with pytest.raises(ValueError, match="old keys"):
         namm_update(torch.rand(B, H, 16, 32), bufs, first_positions(gen, 32), params, None)
+
+
+def test_key_chunking_matches_single_pass(monkeypatch):
+    """Long caches run the STFT/EMA in key chunks; the result must not depend on the chunk size."""
+    import transfer.namm as namm
+
+    gen = torch.Generator().manual_seed(15)
+    pos1 = first_positions(gen, 48)
+    params = NAMMParams.from_flat(random_theta(gen).float())
+    norm = random_norm(gen)
+    u1 = namm_update(causal_attn(gen, pos1, pos1), None, pos1, params, norm, max_keep=40)
+    new_pos = (pos1.amax(-1, keepdim=True) + torch.arange(1, 33)).expand(B, H, 32)
+    pos2 = torch.cat([pos1.gather(-1, u1.keep), new_pos], -1)  # 40 old + 32 new keys
+    attn2 = causal_attn(gen, new_pos, pos2)
+    whole = namm_update(attn2, u1.buffers, pos2, params, norm)
+    monkeypatch.setattr(namm, "_KEY_CHUNK", 7)  # chunks straddle the old/new boundary
+    chunked = namm_update(attn2, u1.buffers, pos2, params, norm)
+    torch.testing.assert_close(chunked.ema, whole.ema, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunked.scores, whole.scores, atol=1e-5, rtol=1e-6)
+    assert torch.equal(chunked.keep, whole.keep)
+
+
+def test_missing_norm_warns_once(monkeypatch):
+    import transfer.namm as namm
+
+    monkeypatch.setattr(namm, "_warned_no_norm", False)
+    gen = torch.Generator().manual_seed(16)
+    pos = first_positions(gen, 16)
+    attn = causal_attn(gen, pos, pos)
+    params = NAMMParams.from_flat(torch.zeros(PARAM_SIZE))
+    with pytest.warns(UserWarning, match="no normalisation statistics"):
+        u_none = namm_update(attn, None, pos, params, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        u_empty = namm_update(attn, None, pos, params, NormStats.empty())  # second time: silent
+    torch.testing.assert_close(u_none.ema, u_empty.ema)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    gen = torch.Generator().manual_seed(17)
+    pos = first_positions(gen, 64)
+    attn = causal_attn(gen, pos, pos)
+    params = NAMMParams.from_flat(random_theta(gen).float())
+    norm = random_norm(gen)
+    cpu = namm_update(attn, None, pos, params, norm)
+    gpu = namm_update(attn.cuda().bfloat16(), None, pos.cuda(), params, norm)
+    cpu_bf = namm_update(attn.bfloat16(), None, pos, params, norm)
+    assert gpu.keep.device.type == "cuda" and gpu.scores.dtype == torch.float32
+    torch.testing.assert_close(gpu.scores.cpu(), cpu_bf.scores, atol=1e-3, rtol=1e-4)
+    assert cpu.keep.shape[-1] > 0
