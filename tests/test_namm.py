@@ -238,11 +238,11 @@ def test_newest_always_kept():
     theta = torch.zeros(PARAM_SIZE)
     theta[-1] = -5.0  # every score negative -> only the forced newest token survives
     params = NAMMParams.from_flat(theta)
-    u = namm_update(causal_attn(gen, pos, pos), None, pos, params, None)
+    u = namm_update(causal_attn(gen, pos, pos), None, pos, params, random_norm(gen))
     assert torch.equal(u.keep, torch.full((B, H, 1), N_NEW - 1))
     valid = torch.ones(B, H, N_NEW, dtype=torch.bool)
     valid[1, :, -3:] = False  # right padding: the newest valid token is index N_NEW - 4
-    u = namm_update(causal_attn(gen, pos, pos, valid), None, pos, params, None, valid=valid)
+    u = namm_update(causal_attn(gen, pos, pos, valid), None, pos, params, random_norm(gen), valid=valid)
     assert u.keep[0].flatten().tolist() == [N_NEW - 1] * H and u.keep[1].flatten().tolist() == [N_NEW - 4] * H
 
 
