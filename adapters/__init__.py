@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from adapters.base import Adapter
+from adapters.decision_transformer import DecisionTransformerAdapter
 from adapters.llama import CausalLMAdapter
 
-ADAPTERS: list[type[Adapter]] = [CausalLMAdapter]
+ADAPTERS: list[type[Adapter]] = [CausalLMAdapter, DecisionTransformerAdapter]
 
 
 def adapter_for(model_type: str) -> type[Adapter]:

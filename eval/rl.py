@@ -1,0 +1,132 @@
+"""Offline RL: Decision Transformer agents in MuJoCo under every memory policy.
+
+CLI: `namm-transfer eval rl`. Protocol (documented in the README): one persistent KV cache per episode
+(tokens a_{t-1}, R_t, s_t), the policy runs every `update_interval` tokens, the target return is the DT
+paper's for the environment unless given; the native sliding-window evaluator (recompute the last K
+steps, no cache) is reported as the reference row. Scores are D4RL-normalised with D4RL's reference
+returns; episodes of one policy run in lock-step (vectorised) with a shared batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adapters.decision_transformer import DecisionTransformerAdapter
+from envs.d4rl import d4rl_normalized_score
+from envs.mujoco import get_spec, make_env
+from transfer.rundir import RunDir, slug
+from transfer.runner import evaluate_policies, parse_policies
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ENVS = "hopper,halfcheetah,walker2d"
+
+
+def default_model(env: str) -> Path:
+    return ROOT / "artifacts" / "rl" / f"dt-{get_spec(env).name}"
+
+
+class Episode:
+    def __init__(self, env: str, index: int) -> None:
+        self.id, self.env, self.index = f"{env}-{index}", env, index
+
+
+def summarize(env: str):
+    def fn(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        returns = np.array([r["return"] for r in rows])
+        norm = np.asarray(d4rl_normalized_score(env, returns), dtype=float)
+        return {
+            "score": float(norm.mean()), "score_std": float(norm.std()), "return": float(returns.mean()),
+            "return_std": float(returns.std()), "kept_fraction": float(np.mean([r["kept_fraction"] for r in rows])),
+            "seconds": float(sum(r["seconds"] for r in rows)),
+        }
+
+    return fn
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--env", default=DEFAULT_ENVS, help=f"comma-separated environments ({DEFAULT_ENVS})")
+    p.add_argument("--model", default=None,
+                   help="DT id or path (edbeeching format works); default: the shipped agent artifacts/rl/dt-<env>")
+    p.add_argument("--policies", "--policy", default="full,h2o,l2,namm", help="comma-separated policies")
+    p.add_argument("--budget", default="match", help="'match' (NAMM's kept fraction) or fractions, e.g. 0.25,0.5")
+    p.add_argument("--namm", default=None, help="NAMM checkpoint (default: the shipped NAMM)")
+    p.add_argument("--episodes", type=int, default=5)
+    p.add_argument("--target-return", type=float, default=None, help="default: the model config's (DT paper's)")
+    p.add_argument("--update-interval", type=int, default=96, help="cache tokens between updates (32 env steps)")
+    p.add_argument("--max-steps", type=int, default=1000, help="episode length cap (1000 = standard)")
+    p.add_argument("--version", default="v5", help="gymnasium MuJoCo version (v5 or v4)")
+    p.add_argument("--no-window", action="store_true", help="skip the sliding-window (no cache) reference row")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="runs/rl")
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
+    return {env: evaluate_env(get_spec(env).name, args) for env in args.env.split(",")}
+
+
+def evaluate_env(env: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every policy on one environment; prints and returns {policy label: metrics}."""
+    from eval.tables import print_domain_table
+
+    start = time.time()
+    model_path = args.model or str(default_model(env))
+    adapter = DecisionTransformerAdapter.from_pretrained(model_path, device=args.device, env_name=env)
+    cfg = adapter.model.config
+    target = args.target_return if args.target_return is not None else float(cfg.target_return)
+    episodes = [Episode(env, i) for i in range(args.episodes)]
+    config = {
+        "domain": "rl", "env": env, "version": args.version, "model": model_path, "target_return": target,
+        "update_interval": args.update_interval, "max_steps": args.max_steps, "seed": args.seed,
+        "episodes": args.episodes, "context_length": int(cfg.context_length),
+    }
+
+    def evaluate_batch(policy_factory: Any, batch: list[Episode]) -> list[dict[str, Any]]:
+        t0 = time.time()
+        envs = [make_env(env, args.version) for _ in batch]
+        returns, kept = adapter.rollout(
+            envs, policy_factory, target, args.update_interval, seed=args.seed + batch[0].index,
+            max_steps=args.max_steps,
+        )
+        seconds = (time.time() - t0) / len(batch)
+        return [
+            {"id": ep.id, "return": ret, "kept_fraction": k, "seconds": seconds}
+            for ep, ret, k in zip(batch, returns, kept)
+        ]
+
+    out = Path(args.out) / env
+    results = evaluate_policies(
+        parse_policies(args.policies, args.budget), episodes, evaluate_batch, summarize(env), out, config,
+        namm=args.namm, batch_size=args.episodes,
+    )
+    if not args.no_window:
+        window = sliding_window(adapter, env, episodes, target, config, out, args)
+        results = {"sliding window (no cache)": window, **results}
+    print_domain_table(f"Offline RL: {env} (D4RL-normalised score)", results, time.time() - start)
+    return results
+
+
+def sliding_window(adapter: Any, env: str, episodes: list[Episode], target: float, config: dict, out: Path,
+                   args: argparse.Namespace) -> dict[str, Any]:
+    """The reference row: HF's evaluator re-running the last K steps each env step."""
+    from train.dt import rollout_sliding_window
+
+    run = RunDir(out / slug("sliding-window"), {**config, "policy": "sliding-window"})
+    if run.finished():
+        return run.metrics()
+    rows = []
+    for ep in episodes:
+        t0 = time.time()
+        ret = rollout_sliding_window(adapter.model, make_env(env, args.version), target, episodes=1,
+                                     seed=args.seed + ep.index, device=args.device, max_steps=args.max_steps)[0]
+        rows.append({"id": ep.id, "return": ret, "kept_fraction": 1.0, "seconds": time.time() - t0})
+        run.add_prediction(rows[-1])
+    metrics = {**summarize(env)(rows), "policy": "sliding-window", "kept_fraction": None}
+    run.write_metrics(metrics)
+    return metrics
