@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from adapters.base import Adapter
 from adapters.decision_transformer import DecisionTransformerAdapter
+from adapters.gpt2 import GPT2Adapter
 from adapters.llama import CausalLMAdapter
+from adapters.qwen2 import Qwen2Adapter
 
-ADAPTERS: list[type[Adapter]] = [CausalLMAdapter, DecisionTransformerAdapter]
+ADAPTERS: list[type[Adapter]] = [CausalLMAdapter, DecisionTransformerAdapter, GPT2Adapter, Qwen2Adapter]
 
 
 def adapter_for(model_type: str) -> type[Adapter]:

@@ -17,7 +17,7 @@ from transfer.memory import KVMemory
 
 class CausalLMAdapter(Adapter):
     family: ClassVar[str] = "causal_lm"
-    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen3", "gemma", "phi3")
 
     @classmethod
     def from_pretrained(cls, id_or_path: str, device: str = "cpu", dtype: Any = None) -> CausalLMAdapter:
