@@ -179,7 +179,7 @@ def build_model(cfg: DTConfig, state_dim: int, act_dim: int, state_mean, state_s
         # n_positions only sizes wpe, which DT never uses (it feeds position_ids = 0)
         n_inner=4 * cfg.hidden, activation_function="relu", n_positions=3 * cfg.context,
         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, max_ep_len=cfg.max_ep_len,
-        action_tanh=True, max_length=cfg.context,
+        action_tanh=True,
     )
     mcfg.state_mean = [float(x) for x in state_mean]
     mcfg.state_std = [float(x) for x in state_std]
@@ -226,7 +226,7 @@ def load_dt(id_or_path: str | os.PathLike, env_name: str | None = None, device: 
     if getattr(cfg, "return_scale", None) is None:
         cfg.return_scale = DEFAULT_SCALE
     if getattr(cfg, "context_length", None) is None:
-        cfg.context_length = int(getattr(cfg, "max_length", None) or 20)
+        cfg.context_length = int(getattr(cfg, "max_length", None) or 20)  # v5 drops max_length: K=20
     return model.to(device).eval()
 
 
