@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
             (out / f"predictions_{n}f.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
             print(f"held-out ({n} frames): acc {m['acc']:.3f} by type {m['by_question_category']}", flush=True)
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    if state_path.is_file():
+    if state_path.is_file() and total and step >= total:  # finished: nothing left to resume
         state_path.unlink()
     return metrics
 
