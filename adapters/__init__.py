@@ -6,6 +6,7 @@ from adapters.base import Adapter
 from adapters.decision_transformer import DecisionTransformerAdapter
 from adapters.gpt2 import GPT2Adapter
 from adapters.llama import CausalLMAdapter
+from adapters.llava_next_video import LlavaNextVideoAdapter
 from adapters.qwen2 import Qwen2Adapter
 
 ADAPTERS: list[type[Adapter]] = [CausalLMAdapter, DecisionTransformerAdapter, GPT2Adapter, Qwen2Adapter]

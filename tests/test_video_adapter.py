@@ -1,0 +1,147 @@
+"""LLaVA-NeXT-Video under the memory: same logits/answers as HF, eviction == masking, one cache per video."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_namm_theta
+from test_memory import Replay
+
+from adapters.llava_next_video import LlavaNextVideoAdapter
+from train.video import IMAGE_TOKEN, VIDEO_TOKEN, TinyVideoProcessor, build_prompt, build_tokenizer
+from transfer.namm import NormStats
+from transfer.policies import make_policy
+from transfer.policies.namm import NAMMPolicy
+
+SIZE = 56  # 56 px frames, 14 px patches, 2x2 pooling: 4 video tokens per frame
+N_FRAMES = 24  # 96 video tokens
+QUESTIONS = ["what color was the first object ?", "how many times did a red object appear ?",
+             "what color was the big object ?"]
+
+
+def tiny_llava(tokenizer, seed: int = 0):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=SIZE, patch_size=14)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       initializer_range=0.1, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cfg = LlavaNextVideoConfig(
+        vision_config=vision, text_config=text, video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
+        vision_feature_select_strategy="default", spatial_pool_mode="average", spatial_pool_stride=2,
+        image_grid_pinpoints=[[SIZE, SIZE]], tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextVideoForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return np.random.default_rng(0).integers(0, 256, (N_FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def _adapter(tok, seed: int = 0) -> LlavaNextVideoAdapter:
+    return LlavaNextVideoAdapter(tiny_llava(tok, seed), TinyVideoProcessor(tok, size=SIZE))
+
+
+def _policies():
+    norm = NormStats(mean=torch.full((17,), 0.01), var=torch.full((17,), 1e-4), count=100)
+    return {
+        "namm": lambda: NAMMPolicy(random_namm_theta(), norm),
+        "h2o": lambda: make_policy("h2o", budget=0.5),
+    }
+
+
+def test_full_cache_equals_hf_forward_and_generate(tok, frames):
+    reference = tiny_llava(tok)  # untouched: HF's own attention and mask
+    proc = TinyVideoProcessor(tok, size=SIZE)
+    enc = proc(text=build_prompt(QUESTIONS[0]), videos=frames)
+    assert (enc["input_ids"] == reference.config.video_token_id).sum() == N_FRAMES * 4
+    with torch.no_grad():
+        ref_logits = reference(**enc).logits[:, -1]
+        ref_gen = reference.generate(**enc, max_new_tokens=12, do_sample=False)[:, enc["input_ids"].shape[1]:]
+    adapter = _adapter(tok)
+    memory = adapter.new_memory(make_policy("full"), update_interval=32)
+    embeds = adapter.embed(enc["input_ids"], enc["pixel_values_videos"])
+    logits = adapter.prefill(memory, embeds, chunk_size=20)
+    assert torch.allclose(logits, ref_logits, atol=1e-4)
+    assert memory.n_fed == enc["input_ids"].shape[1]
+    memory = adapter.new_memory(make_policy("full"), update_interval=32)
+    got = adapter.generate(memory, enc["input_ids"], enc["pixel_values_videos"], max_new_tokens=12)
+    assert torch.equal(got, ref_gen)
+    assert len(set(got[0].tolist())) > 1, "degenerate reference: the random model repeats one token"
+
+
+@pytest.mark.parametrize("name", list(_policies()))
+def test_eviction_equals_masking(tok, frames, name):
+    adapter = _adapter(tok)
+    enc = adapter.processor(text=build_prompt(QUESTIONS[1]), videos=frames)
+    ids, pixel = enc["input_ids"], enc["pixel_values_videos"]
+    gather = adapter.new_memory(_policies()[name](), update_interval=32, record=True)
+    out_gather = adapter.generate(gather, ids, pixel, max_new_tokens=24)
+    emb_last = adapter.language_model.get_input_embeddings()(out_gather[:, -1:]).detach()
+    logits_gather = adapter.prefill(gather, emb_last)
+    assert sum(gather.cache_tokens()) < len(gather.cache_tokens()) * gather.n_fed, "nothing was evicted"
+    masked = adapter.new_memory(Replay(gather.history), update_interval=32, evict="mask")
+    out_masked = adapter.generate(masked, ids, pixel, max_new_tokens=24)
+    logits_masked = adapter.prefill(masked, emb_last)
+    assert torch.equal(out_gather, out_masked)
+    assert torch.allclose(logits_gather, logits_masked, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(_policies()))
+def test_one_compressed_video_answers_like_fresh_prefills(tok, frames, name):
+    """answer_many (video compressed once, restored per question) == a fresh full-prompt run per question."""
+    adapter = _adapter(tok)
+    memory = adapter.new_memory(_policies()[name](), update_interval=32)
+    replies, kept = adapter.answer_many(memory, frames, QUESTIONS, max_new_tokens=8)
+    assert len(replies) == len(kept) == len(QUESTIONS)
+    for question, reply, k in zip(QUESTIONS, replies, kept):
+        fresh = adapter.new_memory(_policies()[name](), update_interval=32)
+        alone, alone_kept = adapter.answer_many(fresh, frames, [question], max_new_tokens=8)
+        assert alone == [reply] and alone_kept[0] == pytest.approx(k)
+        # ... and the same as feeding the whole prompt in one go (no context/question split).
+        enc = adapter.processor(text=build_prompt(question), videos=frames)
+        whole = adapter.new_memory(_policies()[name](), update_interval=32)
+        ids = adapter.generate(whole, enc["input_ids"], enc["pixel_values_videos"], max_new_tokens=8)
+        assert tok.batch_decode(ids, skip_special_tokens=True)[0].strip() == reply
+
+
+def test_kept_fraction_with_budget(tok, frames):
+    adapter = _adapter(tok)
+    _, kept_full = adapter.answer_many(adapter.new_memory(make_policy("full"), 32), frames, QUESTIONS[:2], 4)
+    assert kept_full == [1.0, 1.0]
+    memory = adapter.new_memory(make_policy("l2", budget=0.25), update_interval=32)
+    _, kept = adapter.answer_many(memory, frames, QUESTIONS[:2], 4)
+    assert all(0.2 < k < 0.4 for k in kept)
+    assert max(memory.cache_tokens()) < memory.n_fed
+
+
+def test_round_trip_and_bad_inputs(tok, frames, tmp_path):
+    adapter = _adapter(tok)
+    adapter.model.save_pretrained(tmp_path / "m")
+    adapter.processor.save_pretrained(tmp_path / "m")
+    loaded = LlavaNextVideoAdapter.from_pretrained(str(tmp_path / "m"))
+    a = adapter.answer_many(adapter.new_memory(make_policy("full"), 32), frames, QUESTIONS[:1], 6)
+    b = loaded.answer_many(loaded.new_memory(make_policy("full"), 32), frames, QUESTIONS[:1], 6)
+    assert a == b
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        LlavaNextVideoAdapter.from_pretrained(str(tmp_path / "missing"))
+    enc = adapter.processor(text=build_prompt(QUESTIONS[0]), videos=frames)
+    with pytest.raises(ValueError, match="video tokens but the video gives"):
+        adapter.embed(enc["input_ids"], enc["pixel_values_videos"][:, :-1])
+    with pytest.raises(ValueError, match="exactly one video placeholder"):
+        adapter.answer_many(adapter.new_memory(make_policy("full"), 32), frames, QUESTIONS[:1], 4,
+                            prompt_fn=lambda q: q)
