@@ -9,7 +9,9 @@ from adapters.llama import CausalLMAdapter
 from adapters.llava_next_video import LlavaNextVideoAdapter
 from adapters.qwen2 import Qwen2Adapter
 
-ADAPTERS: list[type[Adapter]] = [CausalLMAdapter, DecisionTransformerAdapter, GPT2Adapter, Qwen2Adapter]
+ADAPTERS: list[type[Adapter]] = [
+    CausalLMAdapter, DecisionTransformerAdapter, GPT2Adapter, Qwen2Adapter, LlavaNextVideoAdapter,
+]
 
 
 def adapter_for(model_type: str) -> type[Adapter]:
