@@ -111,6 +111,14 @@ def test_tiny_train_round_trip(tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and all(np.isfinite(float(r["loss"])) for r in rows)
     assert json.loads((out / "summary.json").read_text())["dataset_episodes"] == summary["dataset_episodes"] == 4
+    # CPU evaluation of the saved folder records scores in summary.json and PROVENANCE.md
+    res = T.main(["eval", str(out), "--episodes", "2", "--max-steps", "3", "--seed", "1"])
+    assert len(res["returns"]) == 2 and np.isfinite(res["returns"]).all()
+    np.testing.assert_allclose(res["return_mean"], np.mean(res["returns"]), atol=0.01)
+    np.testing.assert_allclose(res["d4rl_score_mean"], 100 * (res["return_mean"] + 20.272305) / (3234.3 + 20.272305))
+    np.testing.assert_allclose(res["dataset_score_mean"], res["return_mean"] * 2)  # 100 * (R - 0) / 50
+    assert json.loads((out / "summary.json").read_text())["eval"]["returns"] == res["returns"]
+    assert "D4RL-normalised score" in (out / "PROVENANCE.md").read_text()
 
 
 def test_resume_continues_identically(tmp_path, monkeypatch):

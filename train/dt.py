@@ -61,6 +61,7 @@ class DTConfig:
     threads: int = 0  # 0: torch default
     log_every: int = 50
     ckpt_every: int = 500  # resume checkpoint interval (steps)
+    max_minutes: float = 0.0  # >0: stop early (and save) once training has run this long
     eval_episodes: int = 0  # >0: evaluate with rollout_sliding_window after training (needs gymnasium)
     eval_max_steps: int = 1000
 
@@ -288,6 +289,12 @@ def _log(msg: str) -> None:
     print(f"[train.dt {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _device_name(device: str) -> str:
+    if str(device).startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"{device} ({torch.get_num_threads()} threads)"
+
+
 def _lr_lambda(cfg: DTConfig):
     return lambda step: min(1.0, (step + 1) / max(1, cfg.warmup))
 
@@ -360,7 +367,7 @@ def train(cfg: DTConfig, command: str | None = None) -> dict:
          f"K={cfg.context}, {sum(p.numel() for p in model.parameters())} params, device {cfg.device}")
     model.train()
     t0 = time.time()
-    while step < cfg.steps:
+    while step < cfg.steps and not (cfg.max_minutes > 0 and wall + time.time() - t0 > 60 * cfg.max_minutes):
         batch = {k: v.to(cfg.device) for k, v in sampler.sample(cfg.batch_size).items()}
         target = batch["actions"].clone()
         pred = model(**batch).action_preds  # (batch, K, act_dim)
@@ -386,10 +393,10 @@ def train(cfg: DTConfig, command: str | None = None) -> dict:
     wall += time.time() - t0
     model.eval()
     summary = {"env": spec.name, "data": str(cfg.data), "dataset_episodes": len(data),
-               "dataset_steps": data.num_steps, "dataset_return_mean": float(data.returns.mean()),
+               "dataset_steps": data.num_steps, "steps_done": step, "dataset_return_mean": float(data.returns.mean()),
                "dataset_metadata": {k: v for k, v in data.metadata.items()}, "train_wall_s": round(wall, 1),
                "final_loss_mean_100": float(np.mean([r["loss"] for r in rows[-100:]])),
-               "device": cfg.device if cfg.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
+               "device": _device_name(cfg.device),
                "host": socket.gethostname(), "torch": torch.__version__, "config": asdict(cfg),
                "command": command or "python -m train.dt " + " ".join(sys.argv[1:])}
     if cfg.eval_episodes > 0:
@@ -458,7 +465,7 @@ def parse_args(argv: list[str] | None = None) -> DTConfig:
     p.add_argument("--out", required=True)
     for name in ("version", "context", "hidden", "layers", "heads", "dropout", "max_ep_len", "return_scale",
                  "target_return", "steps", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "seed",
-                 "device", "threads", "log_every", "ckpt_every", "eval_episodes", "eval_max_steps"):
+                 "device", "threads", "log_every", "ckpt_every", "max_minutes", "eval_episodes", "eval_max_steps"):
         default = getattr(d, name)
         typ = float if name == "target_return" else type(default)
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=default)
@@ -483,7 +490,48 @@ def evaluate_dir(path: str | os.PathLike, episodes: int, max_steps: int, seed: i
     tmp = summary_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=1, default=str))
     os.replace(tmp, summary_path)
+    write_provenance(path, summary)
     return res
+
+
+def write_provenance(path: Path, summary: dict) -> None:
+    """PROVENANCE.md rendered from summary.json (training command, data, device, metrics)."""
+    c, ev, meta = summary.get("config", {}), summary.get("eval", {}), summary.get("dataset_metadata", {})
+    lines = [
+        f"# Decision Transformer for {summary.get('env')} ({c.get('version', 'v5')})", "",
+        "Made by `train/dt.py`; every number below comes from `summary.json` in this folder.", "",
+        "## Training",
+        f"- command: `{summary.get('command')}`",
+        f"- data: `{summary.get('data')}` ({summary.get('dataset_episodes')} episodes, "
+        f"{summary.get('dataset_steps')} steps, mean return {summary.get('dataset_return_mean', float('nan')):.1f}; "
+        f"behaviour policy: {meta.get('behaviour_policy', '?')})",
+        f"- model: GPT-2 DT, hidden {c.get('hidden')}, {c.get('layers')} layers, {c.get('heads')} head, "
+        f"context K={c.get('context')} steps ({3 * int(c.get('context', 0))} tokens), max_ep_len {c.get('max_ep_len')}",
+        f"- optimiser: AdamW lr {c.get('lr')}, wd {c.get('weight_decay')}, warmup {c.get('warmup')}, "
+        f"grad clip {c.get('grad_clip')}, batch {c.get('batch_size')}, {summary.get('steps_done')} steps "
+        f"(cap {c.get('steps')} steps / {c.get('max_minutes')} min), seed {c.get('seed')}",
+        f"- device: {summary.get('device')} on {summary.get('host')}, torch {summary.get('torch')}, "
+        f"wall {summary.get('train_wall_s')} s; final loss (mean of last 100 steps) "
+        f"{summary.get('final_loss_mean_100', float('nan')):.4f}; curve: loss.csv, loss.png",
+    ]
+    if ev:
+        lines += [
+            "", "## Evaluation (`rollout_sliding_window`, no cache, CPU)",
+            f"- command: `python -m train.dt eval {path} --episodes {ev['episodes']} --max-steps {ev['max_steps']} "
+            f"--seed {ev['seed']}` on {ev.get('eval_host')} ({ev.get('eval_device')}), {ev.get('eval_wall_s')} s",
+            f"- target return {ev['target_return']}, env seeds {ev['seed']}..{ev['seed'] + ev['episodes'] - 1}",
+            f"- returns: {ev['returns']}",
+            f"- return {ev['return_mean']:.1f} +- {ev['return_std']:.1f}",
+            f"- D4RL-normalised score (REF_MIN/REF_MAX of d4rl/infos.py): {ev['d4rl_score_mean']:.1f} "
+            f"+- {ev['d4rl_score_std']:.1f}",
+        ]
+        if "dataset_score_mean" in ev:
+            lines.append(f"- score normalised by this dataset's own random ({ev['random_return']:.1f}) / expert "
+                         f"({ev['expert_return']:.1f}) returns: {ev['dataset_score_mean']:.1f} "
+                         f"+- {ev['dataset_score_std']:.1f}")
+    tmp = path / "PROVENANCE.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path / "PROVENANCE.md")
 
 
 def main(argv: list[str] | None = None) -> dict:
