@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import pickle
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,7 @@ def generate(cfg: GenConfig) -> dict:
     expert_steps, medium_steps = pick_checkpoints(state["chunks"], rand_ret, cfg.medium_frac)
     budget = step_budget(cfg)
     summary = {"env": spec.name, "env_id": gym_id(spec.name, cfg.version), "seed": cfg.seed,
+               "timesteps_requested": cfg.timesteps, "host": socket.gethostname(),
                "train_steps": state["chunks"][-1]["steps"], "train_wall_s": round(state["wall_s"], 1),
                "random_return": rand_ret, "expert_checkpoint": expert_steps,
                "medium_checkpoint": medium_steps, "checkpoints": state["chunks"], "datasets": {}}
@@ -241,10 +243,54 @@ def generate(cfg: GenConfig) -> dict:
             "return_min": float(rets.min()), "return_max": float(rets.max()),
             "expert_return": expert_ret, "size_mb": round(path.stat().st_size / 1e6, 3)}
         _log(f"{spec.name}: wrote {path} ({len(eps)} episodes, return {rets.mean():.1f} +- {rets.std():.1f})")
-    summary["total_wall_s"] = round(time.time() - t0 + state["wall_s"], 1)
+    summary["total_wall_s"] = round(time.time() - t0, 1)  # this invocation (a resumed run trains less)
     out = Path(cfg.out) / f"{spec.name}-{cfg.version}-summary.json"
-    out.write_text(json.dumps(summary, indent=1))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out)
+    render_provenance(Path(cfg.out))
     return summary
+
+
+def render_provenance(out: Path) -> Path:
+    """PROVENANCE.md for every `*-summary.json` in `out` (one section per env)."""
+    lines = ["# Generated offline-RL datasets (D4RL hdf5 format)", "",
+             "Written by `envs/generate.py` from the `*-summary.json` files next to this page (all numbers are "
+             "from those runs). Behaviour policies: stable-baselines3 PPO (MlpPolicy 64x64, 8 DummyVecEnv envs, "
+             "n_steps 256, batch 64, 10 epochs, lr 3e-4, VecNormalize obs+reward), trained in chunks with a "
+             "deterministic 3-episode evaluation after each chunk. expert = rollouts of the best checkpoint, "
+             "medium = rollouts of the earlier checkpoint closest to random + 0.4 x (best - random), both with "
+             "stochastic actions; medium-replay = a uniform episode subsample of PPO's own training episodes up "
+             "to the medium checkpoint. Files are capped at about 1.9 MB of float32 data (gzip level 9, "
+             "shuffle), so they hold fewer episodes than D4RL's 1M-step datasets. `random_return` / "
+             "`expert_return` in each file's `metadata` group give its own normalisation: random = mean of 20 "
+             "uniform-random episodes, expert = mean return of the expert file.", ""]
+    for f in sorted(out.glob("*-summary.json")):
+        s = json.loads(f.read_text())
+        lines += [f"## {s['env_id']}", "",
+                  f"- command: `python -m envs.generate --env {s['env']} --out {out} --timesteps "
+                  f"{s.get('timesteps_requested', s['train_steps'])} --seed {s['seed']}` (CPU, 1 torch thread)",
+                  f"- PPO steps {s['train_steps']}, training wall {s['train_wall_s']} s, wall of the whole command "
+                  f"{s['total_wall_s']} s (2 CPU cores shared with other jobs)",
+                  f"- random-policy return {s['random_return']:.1f}; expert checkpoint {s['expert_checkpoint']} "
+                  f"steps, medium checkpoint {s['medium_checkpoint']} steps",
+                  "- checkpoint evaluations (steps: deterministic return): "
+                  + ", ".join(f"{c['steps']}: {c['eval_return']:.0f}" for c in s["checkpoints"]), "",
+                  "| file | episodes | steps | return mean +- std [min, max] | own normalised | D4RL normalised | MB |",
+                  "|---|---|---|---|---|---|---|"]
+        for d in s["datasets"].values():
+            own = 100 * (d["return_mean"] - s["random_return"]) / (d["expert_return"] - s["random_return"])
+            spec = get_spec(s["env"])
+            d4 = 100 * (d["return_mean"] - spec.ref_min_score) / (spec.ref_max_score - spec.ref_min_score)
+            lines.append(f"| {Path(d['file']).name} | {d['episodes']} | {d['steps']} | {d['return_mean']:.1f} +- "
+                         f"{d['return_std']:.1f} [{d['return_min']:.0f}, {d['return_max']:.0f}] | {own:.1f} | "
+                         f"{d4:.1f} | {d['size_mb']} |")
+        lines.append("")
+    path = out / "PROVENANCE.md"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> dict:
