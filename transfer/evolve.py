@@ -139,7 +139,7 @@ def evolve(cfg: EvolveConfig) -> Path:
             es.tell(members, [-f for f in fitness])  # cma minimises
             mean_theta = torch.tensor(es.mean, dtype=torch.float32)
             mean_scores, mean_kept = _stage_fitness(
-                adapter, tokenizer, lambda: NAMMPolicy(mean_theta, norm), examples, cfg
+                adapter, tokenizer, lambda t=mean_theta: NAMMPolicy(t, norm), examples, cfg
             )
             entry = {
                 "stage": stage + 1, "tasks": tasks, "generation": gen + 1, "best_fitness": max(fitness),

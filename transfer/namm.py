@@ -162,16 +162,30 @@ def hann_window(n_fft: int, device: torch.device | str | None = None,
     return torch.hann_window(n_fft, periodic=True, device=device, dtype=dtype)
 
 
+def _dft_basis(n_fft: int, device: torch.device | str | None, dtype: torch.dtype) -> Tensor:
+    """Periodic-Hann-windowed real DFT basis (n_fft, 2 * bins): frames @ basis = [Re X | Im X]."""
+    j = torch.arange(n_fft, dtype=torch.float64)
+    f = torch.arange(n_fft // 2 + 1, dtype=torch.float64)
+    angle = 2 * math.pi * j[:, None] * f[None, :] / n_fft  # (n_fft, bins)
+    window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)[:, None]
+    basis = torch.cat([window * torch.cos(angle), -window * torch.sin(angle)], dim=1)
+    return basis.to(device=device, dtype=dtype)
+
+
 def stft_magnitudes(series: Tensor, context: Tensor, cfg: NAMMConfig = NAMMConfig()) -> Tensor:
     """|STFT| of each key's attention series with its left context, equal to torch.stft(center=False).
 
     series (..., n_new), context (..., n_fft - hop) -> (..., frames = n_new / hop, n_bins).
-    Unfold + window + rfft instead of torch.stft so arbitrary leading dims stay vectorised.
+    Unfold + one real matmul with the windowed DFT basis (equal to rfft of the windowed frames, and
+    several times faster than rfft + complex abs on small frames); leading dims stay vectorised.
     """
     full = torch.cat([context.to(series.dtype), series], dim=-1)  # (..., n_fft - hop + n_new)
     frames = full.unfold(-1, cfg.n_fft, cfg.hop)  # (..., frames, n_fft)
-    frames = frames * hann_window(cfg.n_fft, device=series.device, dtype=series.dtype)
-    return torch.fft.rfft(frames, dim=-1).abs()
+    basis = _dft_basis(cfg.n_fft, series.device, series.dtype)
+    # one contiguous copy + one GEMM; a batched matmul over the strided view copies frame by frame
+    spec = (frames.reshape(-1, cfg.n_fft) @ basis).view(*frames.shape[:-1], basis.shape[1])
+    re, im = spec.chunk(2, dim=-1)
+    return torch.sqrt(re * re + im * im)
 
 
 def ema_update(mags: Tensor, ema_prev: Tensor | None, n_new: int, cfg: NAMMConfig = NAMMConfig()) -> Tensor:

@@ -16,6 +16,8 @@ import torch
 from transfer.memory import LayerView
 from transfer.namm import NAMMBuffers, NAMMConfig, NAMMParams, NormStats, load_namm, namm_update
 
+# Scores are irrelevant in the statistics pass (all-zero parameters); identity statistics avoid a warning.
+_IDENTITY_NORM = NormStats(mean=torch.zeros(17), var=torch.ones(17), count=1)
 DEFAULT_NAMM = Path(__file__).resolve().parents[2] / "artifacts" / "namm" / "namm-shipped"
 
 
@@ -56,7 +58,7 @@ class NAMMPolicy:
             state,
             view.slots,
             self._params_on(view.attn.device),
-            None if collecting else self.norm,
+            _IDENTITY_NORM if collecting else self.norm,
             self.config,
             valid=view.valid,
             max_keep=None if collecting or self.budget is None else view.budget_tokens(self.budget),
