@@ -73,14 +73,18 @@ class DecisionTransformerAdapter(Adapter):
         update_interval: int,
         seed: int = 0,
         max_steps: int | None = None,
+        record: bool = False,
     ) -> tuple[list[float], list[float]]:
-        """Run one episode per env in lock-step with a persistent cache; returns (returns, kept fractions)."""
+        """Run one episode per env in lock-step with a persistent cache; returns (returns, kept fractions).
+
+        The episode's memory stays in `self.last_memory` (with its eviction history if `record`).
+        """
         from train.dt import initial_rtg, model_stats, normalize_state, update_rtg
 
         cfg = self.model.config
         mean, std, scale = model_stats(self.model)
         horizon = int(max_steps or cfg.max_ep_len)
-        memory = self.new_memory(policy_factory(), update_interval=update_interval)
+        memory = self.last_memory = self.new_memory(policy_factory(), update_interval=update_interval, record=record)
         n = len(envs)
         obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
         if obs.shape[1] != cfg.state_dim:
