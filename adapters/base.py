@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from transfer.memory import ATTN_IMPLEMENTATION, KVMemory, register_attention
 
@@ -56,8 +57,14 @@ class Adapter:
         return next(self.model.parameters()).device
 
     def new_memory(self, policy: Any, update_interval: int = 512, **kwargs: Any) -> KVMemory:
-        """An empty cache for one batch of sequences, managed by `policy`."""
-        return KVMemory(policy, DynamicCache(config=self.text_config), update_interval=update_interval, **kwargs)
+        """An empty cache for one batch of sequences, managed by `policy`.
+
+        Sliding-window layers become plain layers: the memory applies the window in its mask, and a
+        layer that crops itself would desynchronise the memory's slot bookkeeping.
+        """
+        cache = DynamicCache(config=self.text_config)
+        cache.layers = [DynamicLayer() if isinstance(lay, DynamicSlidingWindowLayer) else lay for lay in cache.layers]
+        return KVMemory(policy, cache, update_interval=update_interval, **kwargs)
 
     # -- feeding ------------------------------------------------------------------------------------
     def feed(

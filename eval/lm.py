@@ -27,8 +27,17 @@ HELDOUT_SEED = 20261127  # evolution and training use other seeds
 
 
 def load_lm(model: str | Path, device: str = "cpu") -> tuple[CausalLMAdapter, Any]:
-    """Adapter + left-padding tokenizer for any HF causal LM id or path."""
-    adapter = CausalLMAdapter.from_pretrained(str(model), device=device)
+    """Adapter (picked by the registry from config.model_type) + left-padding tokenizer for a causal LM."""
+    from transformers import AutoConfig
+
+    from adapters import adapter_for
+
+    if not Path(model).exists() and "/" not in str(model):
+        raise FileNotFoundError(f"model {model!r} is neither a local path nor a hub id")
+    cls = adapter_for(AutoConfig.from_pretrained(str(model)).model_type)
+    if not issubclass(cls, CausalLMAdapter):
+        raise ValueError(f"{model}: eval lm needs a causal LM, got a {cls.family} model")
+    adapter = cls.from_pretrained(str(model), device=device)
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

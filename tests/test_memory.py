@@ -155,3 +155,32 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="crosses an update boundary"):
         memory.begin_chunk(40)
     assert memory.chunk_sizes(100, 24) == [24, 8, 24, 8, 24, 8, 4]
+
+
+def test_sliding_window_model_matches_hf():
+    """Mistral-style sliding-window layers: the memory applies the window in its slot mask."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=48)
+    model = MistralForCausalLM(cfg).eval()
+    ids = _ids(1, 130)
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)[:, 130:]
+    adapter = CausalLMAdapter(model)
+    memory = adapter.new_memory(make_policy("full"), update_interval=32)
+    assert torch.equal(adapter.generate(memory, ids, None, 20), ref)
+
+
+def test_padding_respected_outside_a_memory(llama):
+    """Installing the memory attention must not change the model's own padded forward."""
+    ids = _ids(2, 40)
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0
+    with torch.no_grad():
+        before = llama(ids, attention_mask=mask).logits
+    CausalLMAdapter(llama)
+    with torch.no_grad():
+        after = llama(ids, attention_mask=mask).logits
+    assert torch.allclose(before[:, 10:], after[:, 10:], atol=1e-5)

@@ -135,7 +135,13 @@ class KVMemory:
 
     # ---------------------------------------------------------------- attention
     def attend(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         """Attention output of one layer for the current chunk; runs the policy when an update is due.
 
@@ -160,26 +166,32 @@ class KVMemory:
                 f"layer {layer}: cache holds {key.shape[2]} keys but the memory tracks {st.slots.shape[-1]}; "
                 "was the cache modified outside the memory?"
             )
-        mask = _slot_mask(st.slots, st.valid, q_slots)  # (batch, kv_heads, n, n_keys)
+        mask = _slot_mask(st.slots, st.valid, q_slots, sliding_window)  # (batch, kv_heads, n, n_keys)
         out = _grouped_sdpa(query, key, value, mask, scaling)
         st.queries.append(query)
         st.query_slots.append(q_slots)
         st.query_valid.append(q_valid)
         st.n_new += n
         if self._update_due:
-            self._update_layer(layer, st, key, value, scaling)
+            self._update_layer(layer, st, key, value, scaling, sliding_window)
         return out
 
     # ---------------------------------------------------------------- update
     def _update_layer(
-        self, layer: int, st: _LayerState, key: torch.Tensor, value: torch.Tensor, scaling: float
+        self,
+        layer: int,
+        st: _LayerState,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        sliding_window: int | None,
     ) -> None:
         attn = None
         if getattr(self.policy, "needs_attention", False):
             queries = torch.cat(st.queries, dim=2)  # (batch, q_heads, n_new, d)
             q_slots = torch.cat(st.query_slots, dim=1)  # (batch, n_new)
             q_valid = torch.cat(st.query_valid, dim=1)
-            attn = attention_slice(queries, key, st.slots, st.valid, q_slots, q_valid, scaling)
+            attn = attention_slice(queries, key, st.slots, st.valid, q_slots, q_valid, scaling, sliding_window)
         view = LayerView(
             layer=layer, keys=key, slots=st.slots, valid=st.valid, n_new=st.n_new, n_seen=self.n_seen, attn=attn
         )
@@ -241,14 +253,23 @@ class KVMemory:
         self.n_fed, self.n_seen, self.kept_log = snap["n_fed"], snap["n_seen"], list(snap["kept_log"])
 
 
-def _slot_mask(slots: torch.Tensor, valid: torch.Tensor, q_slots: torch.Tensor) -> torch.Tensor:
-    """(batch, kv_heads, n_q, n_keys) bool: key not newer than the query and valid.
-
-    A key may always see itself, so padding queries (no valid key) never produce NaN rows.
-    """
+def _allowed(
+    slots: torch.Tensor, valid: torch.Tensor, q_slots: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor:
+    """(batch, kv_heads, n_q, n_keys) bool: the key is valid, not newer than the query, inside the window."""
     k = slots[:, :, None, :]  # (batch, kv_heads, 1, n_keys)
     q = q_slots[:, None, :, None]  # (batch, 1, n_q, 1)
-    return ((k <= q) & valid[:, :, None, :]) | (k == q)
+    allowed = (k <= q) & valid[:, :, None, :]
+    if sliding_window is not None:
+        allowed &= q - k < sliding_window
+    return allowed
+
+
+def _slot_mask(
+    slots: torch.Tensor, valid: torch.Tensor, q_slots: torch.Tensor, sliding_window: int | None = None
+) -> torch.Tensor:
+    """The attention mask of a forward; a key may always see itself, so padding queries never get NaN rows."""
+    return _allowed(slots, valid, q_slots, sliding_window) | (slots[:, :, None, :] == q_slots[:, None, :, None])
 
 
 def _grouped_sdpa(
@@ -276,6 +297,7 @@ def attention_slice(
     q_slots: torch.Tensor,
     q_valid: torch.Tensor,
     scaling: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Row-softmax attention of the buffered queries over the cached keys, averaged over each KV group.
 
@@ -288,7 +310,7 @@ def attention_slice(
     g = hq // h
     q = queries.reshape(b, h, g, nq, d).float()
     logits = torch.einsum("bhgqd,bhkd->bhgqk", q, keys.float()) * scaling  # (batch, kv_heads, g, n_q, n_keys)
-    allowed = (slots[:, :, None, :] <= q_slots[:, None, :, None]) & valid[:, :, None, :]  # (b, h, n_q, n_keys)
+    allowed = _allowed(slots, valid, q_slots, sliding_window)  # (batch, kv_heads, n_q, n_keys)
     logits = logits.masked_fill(~allowed[:, :, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0).mean(2)  # (batch, kv_heads, n_q, n_keys)
     return probs * q_valid[:, None, :, None]
@@ -316,12 +338,17 @@ def memory_attention(
         scaling = query.shape[-1] ** -0.5 if getattr(module, "scale_attn_weights", True) else 1.0
         if getattr(module, "scale_attn_by_inverse_layer_idx", False):
             scaling /= float(module.layer_idx + 1)
-    return memory.attend(module.layer_idx, query, key, value, scaling), None
+    out = memory.attend(module.layer_idx, query, key, value, scaling, kwargs.get("sliding_window"))
+    return out, None
 
 
-def _no_mask(*args: Any, **kwargs: Any) -> None:
-    """The memory builds its own masks from slot indices; HF's mask would be wrong after eviction."""
-    return None
+def _memory_mask(*args: Any, **kwargs: Any) -> Any:
+    """Inside a memory the mask is built from slot indices (HF's would be wrong after eviction); outside, SDPA's."""
+    if _ACTIVE.get() is not None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
 
 
 def register_attention() -> None:
@@ -330,4 +357,4 @@ def register_attention() -> None:
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, memory_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _memory_mask)
