@@ -98,3 +98,25 @@ def test_bad_inputs(setup):
         video.default_data("mlvu")
     with pytest.raises(ValueError, match="unknown policy"):
         video.run(_args(setup, "--policies", "full,lru"))
+
+
+def test_mlvu_summary_is_the_mean_of_task_accuracies():
+    from eval.video_bench import VideoQAExample
+
+    def ex(i, task, answer):
+        return VideoQAExample(f"{task}_{i}", f"video/{task}/{i}.mp4", "q", ["a", "b"], answer, "p", {"task": task})
+
+    items = [video.VideoItem("a", "a.mp4", [ex(0, "count", "A"), ex(1, "count", "B"), ex(2, "count", "A")]),
+             video.VideoItem("b", "b.mp4", [ex(0, "needle", "A")]),
+             video.VideoItem("c", "c.mp4", [ex(0, "order", "A")])]
+    rows = [
+        {"id": "a", "kept_fraction": 0.5, "seconds": 1.0,
+         "questions": [{"id": "count_0", "pred": "A"}, {"id": "count_1", "pred": "A"}, {"id": "count_2", "pred": "A"}]},
+        {"id": "b", "kept_fraction": 0.3, "seconds": 1.0, "questions": [{"id": "needle_0", "pred": "B"}]},
+        {"id": "c", "error": "c.mp4: video file not found", "kept_fraction": float("nan"), "seconds": 0.0,
+         "questions": []},
+    ]
+    m = video.summarize("mlvu", items)(rows)
+    assert m["per_task"] == {"count": pytest.approx(2 / 3), "needle": 0.0}
+    assert m["score"] == m["m_avg"] == pytest.approx(1 / 3) and m["acc"] == pytest.approx(0.5)
+    assert m["errors"] == 1 and m["error_questions"] == 1 and m["kept_fraction"] == pytest.approx(0.4)
