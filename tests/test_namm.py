@@ -268,13 +268,13 @@ def test_budget_cap():
     np.testing.assert_array_equal(full.numpy(), ref.select(scores.double().numpy(), np.ones((B, H, 40), bool)))
     for cap in (1, 5, 17, 40, 100):
         keep = select_keep(scores, None, max_keep=cap)
-        assert keep.shape[-1] == min(cap, full.shape[-1])
+        assert keep.shape[-1] == min(cap, 40)  # exactly the budget: the threshold moves up or down
         assert (keep[..., -1] == 39).all()  # newest survives any budget
         forced = scores.clone()
         forced[..., -1] = math.inf
         top = forced.topk(keep.shape[-1], dim=-1).indices.sort(-1).values
         assert torch.equal(keep, top)
-    assert torch.equal(select_keep(scores, None, max_keep=10**6), full)
+    assert select_keep(scores, None, max_keep=10**6).shape[-1] == 40
     with pytest.raises(ValueError, match="max_keep"):
         select_keep(scores, None, max_keep=0)
 

@@ -281,9 +281,10 @@ def select_keep(scores: Tensor, valid: Tensor | None, threshold: float = 0.0,
 
     Padding -> -inf, newest token forced kept; d = min over all batch x heads of #(score < threshold);
     every head keeps its top n_keys - d (so all heads keep the max non-negative count, topped up with
-    their best negative tokens). Budget mode: `max_keep` caps n_keep, i.e. the kept set becomes the top
-    `max_keep` by score, which equals moving the threshold per update to hit the budget. Ties go to the
-    older token (stable sort).
+    their best negative tokens). Budget mode: with `max_keep` every head keeps exactly its top
+    min(max_keep, n_keys) tokens by score, i.e. the threshold moves at each update (up or down) to the
+    budget-th score: the learned ranking decides which tokens, the budget how many, and it is never
+    exceeded. Ties go to the older token (stable sort).
     """
     if max_keep is not None and max_keep < 1:
         raise ValueError(f"max_keep must be >= 1, got {max_keep}")
@@ -295,7 +296,7 @@ def select_keep(scores: Tensor, valid: Tensor | None, threshold: float = 0.0,
     d = int((s < threshold).sum(-1).min())
     n_keep = s.shape[-1] - d
     if max_keep is not None:
-        n_keep = min(n_keep, max_keep)
+        n_keep = min(max_keep, s.shape[-1])
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :n_keep]
     return order.sort(dim=-1).values
 

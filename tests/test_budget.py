@@ -1,0 +1,44 @@
+"""NAMM budget mode: the threshold moves per update so the kept set hits the budget, never above it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from conftest import random_namm_theta, tiny_llama
+
+from adapters.llama import CausalLMAdapter
+from transfer.namm import NormStats
+from transfer.policies.namm import NAMMPolicy
+
+NORM = NormStats(mean=torch.full((17,), 0.01), var=torch.full((17,), 1e-4), count=100)
+
+
+def run(budget, n=480, interval=32):
+    adapter = CausalLMAdapter(tiny_llama())
+    memory = adapter.new_memory(NAMMPolicy(random_namm_theta(), NORM, budget=budget), update_interval=interval,
+                                record=True)
+    ids = torch.randint(0, 97, (2, n), generator=torch.Generator().manual_seed(0))
+    adapter.prefill(memory, ids, chunk_size=interval)
+    return memory
+
+
+def test_fraction_target_is_met_at_every_update():
+    memory = run(0.3)
+    for i, (_, kept) in enumerate(memory.history):
+        seen = 32 * (i // 2 + 1)  # two layers per update
+        assert kept.shape[-1] == math.ceil(0.3 * seen)
+    assert abs(memory.kept_fraction().mean().item() - 0.3) < 0.02
+
+
+def test_token_cap_is_never_exceeded():
+    memory = run(100)
+    assert all(kept.shape[-1] <= 100 for _, kept in memory.history)
+    assert max(memory.cache_tokens()) == 100
+
+
+def test_no_budget_is_the_reference_rule():
+    """Without a budget the kept count is the reference's (max non-negative count over heads), not a target."""
+    memory = run(None)
+    counts = {kept.shape[-1] for _, kept in memory.history}
+    assert len(counts) > 1  # emergent, varies per update
