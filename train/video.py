@@ -325,6 +325,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds of training (0 = no limit)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--frames", default="32,64", help="frame counts drawn per batch, comma separated")
+    p.add_argument("--frame-budget", type=int, default=0,
+                   help="frames per batch (videos = budget // frames, constant cost across lengths); 0 = --batch")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=7, help="training seed (eval set uses eval/synth_video's 1234)")
     p.add_argument("--text-layers", type=int, default=4)
@@ -378,7 +380,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"calibrated: {elapsed / step:.3f}s/step -> {total} steps", flush=True)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total or 10**6, args.lr)
-        batch = sample_batch(rng, tokenizer, args.batch, int(rng.choice(frame_choices)), device)
+        n_frames = int(rng.choice(frame_choices))
+        n_videos = max(1, args.frame_budget // n_frames) if args.frame_budget else args.batch
+        batch = sample_batch(rng, tokenizer, n_videos, n_frames, device)
         with amp:
             outputs = model(**batch)
         loss = outputs.loss
