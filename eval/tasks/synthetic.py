@@ -7,12 +7,17 @@ sequences (context + many question/answer pairs, loss on every answer word): the
 is exactly the first question of a training sequence, so the shipped LM is evaluated in-distribution.
 
 Prompt formats (`K` key word, `V` number 0-999, `x12` variable, `w` filler word):
-- niah_single: filler with one needle "the magic number for K is V ." ;
-  question "question : what is the magic number for K ? answer : the magic number for K is" -> "V".
+- niah_single: filler with one needle "the magic number for K V ." ;
+  question "question : what is the magic number for K ? answer : the magic number for K" -> "V".
 - niah_multikey: the same with 4-8 needles of distinct keys; one is asked.
-- mqar: many records "K : V ;" in filler; "question : values of K1 K2 K3 K4 ? answer :" -> "V1 V2 V3 V4".
-- vt: chains "assign V to x3 ." "assign x3 to x9 ." ...; "question : which variables hold the value V ?
-  answer :" -> the chain's 4 variables in order.
+- mqar: many records "K V ;" in filler; "question : values ? answer : K" -> "V" (training sequences
+  go on "K1 V1 K2 V2 ..." with many keys, as in Zoology's MQAR).
+- vt: chains "assign V x3 ." "assign x3 x9 ." ...; "question : which variables hold V ? answer : V"
+  -> the chain's 4 variables in order.
+
+Every answer starts right after a word that occurs once earlier in the context directly before the
+answer (key, variable), i.e. the tasks are solvable by induction-style lookup; small models learn
+that within minutes, while two-step templates ("for K is V") stayed at chance in our first run.
 - fwe: "text :" + words with three far more frequent than the rest;
   "question : what are the three most frequent words in the text ? answer :" -> the three, most frequent first.
 - passage: "passage 17 : w w ... ." blocks; "question : which passage contains the words : <8 words> ?
@@ -97,8 +102,8 @@ TASKS: dict[str, TaskInfo] = {
                             "exact", "1/1000 (random number)"),
     "niah_multikey": TaskInfo("niah_multikey", "4-8 needles with distinct keys in filler; one is asked",
                               "exact", "1/#needles (random needle value)"),
-    "mqar": TaskInfo("mqar", "many 'K : V ;' records in filler; the values of 4 keys are asked in order",
-                     "positional", "1/#records (random record value per position)"),
+    "mqar": TaskInfo("mqar", "many 'K V ;' records in filler; one key's value is asked (many in training)",
+                     "exact", "1/#records (random record value)"),
     "vt": TaskInfo("vt", "3 assignment chains of 4 variables; list the variables holding one value",
                    "set_overlap", "4/#variables (random 4 variables)"),
     "fwe": TaskInfo("fwe", "word soup where 3 words are far more frequent; name them",
@@ -144,23 +149,24 @@ def _niah(rng, length, dense, multikey):
         n = int(rng.integers(4, 9)) if multikey else 1
     keys = rng.choice(len(KEY_WORDS), size=n, replace=False)
     vals = rng.integers(1000, size=n)
-    needles = [f"the magic number for {KEY_WORDS[k]} is {v} .".split() for k, v in zip(keys, vals)]
+    needles = [f"the magic number for {KEY_WORDS[k]} {v} .".split() for k, v in zip(keys, vals)]
     order = rng.permutation(n) if dense else [int(rng.integers(n))]
     qa = [((f"question : what is the magic number for {KEY_WORDS[keys[i]]} ? answer : "
-            f"the magic number for {KEY_WORDS[keys[i]]} is").split(), [str(vals[i])]) for i in order]
+            f"the magic number for {KEY_WORDS[keys[i]]}").split(), [str(vals[i])]) for i in order]
     chance = 1 / 1000 if not multikey else 1 / n
     return needles, qa, chance
 
 
 def _mqar(rng, length, dense):
-    n_rec = min(length // 10, 500) if dense else min(length // 8, 500)
+    n_rec = min(length // 6, 500)
     keys = rng.choice(len(KEY_WORDS), size=n_rec, replace=False)
     vals = rng.integers(1000, size=n_rec)
-    records = [[KEY_WORDS[k], ":", str(v), ";"] for k, v in zip(keys, vals)]
-    n_q = max(1, min(n_rec // 4, length // 60)) if dense else 1
-    asked = rng.permutation(n_rec)[: 4 * n_q].reshape(n_q, 4)
-    qa = [(["question", ":", "values", "of"] + [KEY_WORDS[keys[i]] for i in row] + ["?", "answer", ":"],
-           [str(vals[i]) for i in row]) for row in asked]
+    records = [[KEY_WORDS[k], str(v), ";"] for k, v in zip(keys, vals)]
+    n_q = max(1, min(n_rec, length // 8)) if dense else 1
+    asked = rng.permutation(n_rec)[:n_q]
+    # one question, then key/value pairs; make_training_sequence closes only the last pair with EOS
+    qa = [([KEY_WORDS[keys[i]]], [str(vals[i])]) for i in asked]
+    qa[0] = (["question", ":", "values", "?", "answer", ":"] + qa[0][0], qa[0][1])
     return records, qa, 1 / n_rec
 
 
@@ -172,7 +178,7 @@ def _vt(rng, length, dense):
     chains = []
     for c in range(n_chain):
         src = [str(vals[c])] + [VAR_WORDS[j] for j in names[c, :-1]]
-        chains.append([["assign", s, "to", VAR_WORDS[d], "."] for s, d in zip(src, names[c])])
+        chains.append([["assign", s, VAR_WORDS[d], "."] for s, d in zip(src, names[c])])
     # interleave chains at random while keeping each chain's statements in order
     slots = rng.permutation(np.repeat(np.arange(n_chain), hops))
     nxt = [0] * n_chain
@@ -181,7 +187,7 @@ def _vt(rng, length, dense):
         items.append(chains[c][nxt[c]])
         nxt[c] += 1
     order = rng.permutation(n_chain) if dense else [int(rng.integers(n_chain))]
-    qa = [(f"question : which variables hold the value {vals[c]} ? answer :".split(),
+    qa = [(f"question : which variables hold {vals[c]} ? answer : {vals[c]}".split(),
            [VAR_WORDS[j] for j in names[c]]) for c in order]
     return items, qa, hops / (hops * n_chain)
 
@@ -283,9 +289,10 @@ def make_training_sequence(task: str, length: int, rng: np.random.Generator) -> 
     _check(task, length)
     items, qa, _ = _build(task, rng, length, dense=True)
     tail, mask_tail = [], []
-    for q, a in qa:
-        tail += q + a + [EOS]
-        mask_tail += [0] * len(q) + [1] * (len(a) + 1)
+    for i, (q, a) in enumerate(qa):
+        close = [EOS] if task != "mqar" or i == len(qa) - 1 else []
+        tail += q + a + close
+        mask_tail += [0] * len(q) + [1] * (len(a) + len(close))
     if task in ("passage", "fwe"):
         context = [w for it in items for w in it]
         context = context + _filler(rng, length - len(tail) - len(context))
@@ -314,7 +321,7 @@ def score(task: str, prediction: str, answer: str) -> float:
     """Exact per-example score in [0, 1]; only the first len(answer) predicted words count.
 
     - exact (niah_single, niah_multikey, passage): 1 iff those words equal the answer words.
-    - positional (mqar): fraction of positions i with predicted word i == answer word i.
+    - positional (multi-word ordered answers): fraction of positions i with predicted word i == answer word i.
     - set_overlap (vt, fwe): |set(predicted words) & set(answer words)| / len(answer), order-free.
     Trailing text after the answer is ignored because greedy decoding often runs past it.
     """
