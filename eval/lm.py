@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from adapters.llama import CausalLMAdapter
 from eval.tasks import synthetic
-from transfer.runner import evaluate_policies, parse_policies
+from transfer.runner import evaluate_policies, parse_policies, process_device
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LM = ROOT / "artifacts" / "lm" / "tiny-llama-mqar"
@@ -108,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     start = time.time()
-    adapter, tokenizer = load_lm(args.model, args.device)
+    adapter, tokenizer = load_lm(args.model, process_device(args.device))
     examples = make_examples(args.tasks, args.n, args.length, args.seed)
     specs = parse_policies(args.policies, args.budget)
     config = {

@@ -21,7 +21,7 @@ from adapters.decision_transformer import DecisionTransformerAdapter
 from envs.d4rl import d4rl_normalized_score
 from envs.mujoco import get_spec, make_env
 from transfer.rundir import RunDir, slug
-from transfer.runner import evaluate_policies, parse_policies
+from transfer.runner import evaluate_policies, parse_policies, process_device
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ENVS = "hopper,halfcheetah,walker2d"
@@ -77,7 +77,7 @@ def evaluate_env(env: str, args: argparse.Namespace) -> dict[str, dict[str, Any]
 
     start = time.time()
     model_path = args.model or str(default_model(env))
-    adapter = DecisionTransformerAdapter.from_pretrained(model_path, device=args.device, env_name=env)
+    adapter = DecisionTransformerAdapter.from_pretrained(model_path, device=process_device(args.device), env_name=env)
     cfg = adapter.model.config
     target = args.target_return if args.target_return is not None else float(cfg.target_return)
     episodes = [Episode(env, i) for i in range(args.episodes)]

@@ -31,6 +31,7 @@ from transfer.namm import PARAM_SIZE, NAMMConfig, NormStats, save_namm
 from transfer.policies.full import FullCache
 from transfer.policies.namm import NAMMPolicy
 from transfer.rundir import write_json_atomic
+from transfer.runner import process_device, process_state
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Runs on the 2-core CPU in a few minutes: proves the loop, not a useful NAMM.
@@ -80,12 +81,11 @@ def _relative(scores: dict[str, float], full: dict[str, float]) -> float:
 def evolve(cfg: EvolveConfig) -> Path:
     """Run (or resume) every stage; returns the directory of the final NAMM."""
     import cma
-    from accelerate import PartialState
 
-    state = PartialState(cpu=cfg.device == "cpu")
+    state = process_state()
     out = Path(cfg.out)
     ckpt_file = out / "evolution.pkl"
-    device = cfg.device if cfg.device == "cpu" else str(state.device)
+    device = process_device(cfg.device)
     adapter, tokenizer = load_lm(cfg.model, device)
     torch.manual_seed(cfg.seed)
 
@@ -161,6 +161,7 @@ def evolve(cfg: EvolveConfig) -> Path:
         ckpt["stage"], ckpt["generation"], ckpt["es"] = stage + 1, 0, None
         if state.is_main_process:
             _save(out, ckpt, torch.tensor(ckpt["mean_prev"], dtype=torch.float32), norm, cfg)
+    state.wait_for_everyone()
     return out / "namm"
 
 
@@ -233,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvolveConfig(model=args.model, batch_size=args.batch_size, seed=args.seed, device=args.device,
                        out=args.out, **preset)
     final = evolve(cfg)
+    if not process_state().is_main_process:
+        return 0
     print(f"NAMM written to {final}; log and fitness curve in {cfg.out}")
     print(json.dumps(json.loads((Path(cfg.out) / "log.json").read_text())[-1], indent=1))
     return 0

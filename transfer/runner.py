@@ -78,10 +78,25 @@ def run_examples(
 ) -> list[dict[str, Any]]:
     """Evaluate the examples not yet in run's predictions, batch by batch; returns all rows in order.
 
-    Each example needs an `id`; `evaluate_batch` returns one row (with that id) per example.
+    Each example needs an `id`; `evaluate_batch` returns one row (with that id) per example. Under
+    `accelerate launch` the unfinished examples are split between the processes, the rows gathered,
+    and only the main process writes.
     """
+    state = process_state()
     done = {row["id"]: row for row in run.predictions()}
     todo = [ex for ex in examples if ex.id not in done]
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        with state.split_between_processes(todo) as mine:
+            local = [row for start in range(0, len(mine), batch_size)
+                     for row in evaluate_batch(list(mine[start : start + batch_size]))]
+        for row in gather_object(local):
+            if row["id"] not in done and state.is_main_process:
+                run.add_prediction(row)
+            done[row["id"]] = row
+        state.wait_for_everyone()
+        return [done[ex.id] for ex in examples]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, transient=True) as progress:
         bar = progress.add_task(description or run.path.name, total=len(examples), completed=len(examples) - len(todo))
@@ -91,6 +106,22 @@ def run_examples(
                 done[row["id"]] = row
             progress.advance(bar, min(batch_size, len(todo) - start))
     return [done[ex.id] for ex in examples]
+
+
+def process_state() -> Any:
+    """accelerate's process state; on a machine without CUDA, processes talk over gloo on the CPU."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def process_device(requested: str) -> str:
+    """Each process of `accelerate launch` takes its own GPU; otherwise the requested device."""
+    state = process_state()
+    if state.num_processes > 1 and requested.startswith("cuda"):
+        return str(state.device)
+    return requested
 
 
 def build_policy(spec: PolicySpec, namm: str | None, matched: float | None) -> Any:
@@ -123,7 +154,7 @@ def evaluate_policies(
     for spec in specs:
         run = RunDir(Path(out_dir) / slug(spec.label), {**config, "policy": asdict(spec), "namm": namm})
         if run.finished():
-            results[spec.label] = run.metrics()
+            metrics, rows = run.metrics(), run.predictions()
         else:
 
             def batch_fn(batch: list[Any], spec: PolicySpec = spec, kept: dict = namm_kept) -> list[dict[str, Any]]:
@@ -138,8 +169,13 @@ def evaluate_policies(
             label = f"{config.get('domain', '')} {spec.label}"
             rows = run_examples(run, examples, batch_fn, batch_size, description=label)
             metrics = {**summarize(rows), "policy": spec.label, "n_examples": len(rows)}
-            run.write_metrics(metrics)
-            results[spec.label] = metrics
+            if _is_main():
+                run.write_metrics(metrics)
+        results[spec.label] = metrics
         if spec.name == "namm" and spec.budget is None:
-            namm_kept = {row["id"]: row["kept_fraction"] for row in run.predictions()}
+            namm_kept = {row["id"]: row["kept_fraction"] for row in rows}
     return results
+
+
+def _is_main() -> bool:
+    return process_state().is_main_process
