@@ -35,10 +35,12 @@ from transfer.runner import process_device, process_state
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Runs on the 2-core CPU in a few minutes: proves the loop, not a useful NAMM.
-    "cpu-small": dict(stages=["mqar"], generations=[3], popsize=6, prompts=4, length=512, update_interval=128),
-    # The shipped NAMM's recipe on one GPU (see artifacts/namm/namm-shipped/PROVENANCE.md).
-    "gpu": dict(stages=["mqar", "mqar,niah_multikey", "mqar,niah_multikey,passage"], generations=[40, 30, 30],
-                popsize=32, prompts=16, length=1024, update_interval=256),
+    "cpu-small": dict(stages=["niah_single"], generations=[3], popsize=6, prompts=4, length=512,
+                      update_interval=128),
+    # The shipped NAMM's recipe on one GPU (see artifacts/namm/namm-shipped/PROVENANCE.md): the tasks the
+    # shipped LM solves with its full cache, at lengths where the full cache starts to fail.
+    "gpu": dict(stages=["niah_single,vt", "niah_single,vt,fwe"], generations=[24, 16], popsize=32, prompts=16,
+                length=2048, update_interval=256),
 }
 
 
@@ -56,6 +58,7 @@ class EvolveConfig:
     seed: int = 1337
     device: str = "cpu"
     out: str = "runs/evolve"
+    max_minutes: float | None = None  # stop cleanly (checkpointed) after this much wall time; rerun to resume
 
 
 def _stage_fitness(
@@ -83,6 +86,7 @@ def evolve(cfg: EvolveConfig) -> Path:
     import cma
 
     state = process_state()
+    started = time.time()
     out = Path(cfg.out)
     ckpt_file = out / "evolution.pkl"
     device = process_device(cfg.device)
@@ -114,6 +118,11 @@ def evolve(cfg: EvolveConfig) -> Path:
             )
         es = ckpt["es"]
         while ckpt["generation"] < cfg.generations[stage]:
+            if cfg.max_minutes is not None and time.time() - started > 60 * cfg.max_minutes:
+                if state.is_main_process:
+                    print(f"time budget of {cfg.max_minutes} min reached; rerun the same command to resume")
+                state.wait_for_everyone()
+                return out / "namm"
             gen = ckpt["generation"]
             t0 = time.time()
             np.random.seed(cfg.seed + 7919 * stage + gen)  # identical samples on every process and on resume
@@ -220,6 +229,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="runs/evolve", help="output directory; rerun the same command to resume")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this wall time")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -232,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     if len(preset["generations"]) != len(preset["stages"]):
         raise ValueError(f"--generations needs one count per stage ({len(preset['stages'])} stages)")
     cfg = EvolveConfig(model=args.model, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                       out=args.out, **preset)
+                       out=args.out, max_minutes=args.max_minutes, **preset)
     final = evolve(cfg)
     if not process_state().is_main_process:
         return 0
