@@ -60,6 +60,9 @@ def test_processor_matches_training_batch(tok):
     batch = sample_batch(np.random.default_rng(1), tok, 2, 3, "cpu")
     assert ((batch["input_ids"] == tok.convert_tokens_to_ids("<video>")).sum(1) == 48).all()
     assert ((batch["labels"] != -100).sum(1) == 2).all()  # answer letter + EOS only
+    count_only = sample_batch(np.random.default_rng(2), tok, 3, 1, "cpu", qtypes=(3,))
+    many = tok.convert_tokens_to_ids("many")
+    assert ((count_only["input_ids"] == many).sum(1) == 1).all()
     with pytest.raises(ValueError, match="placeholders"):
         proc(text="no video here", videos=frames.numpy())
 

@@ -226,8 +226,12 @@ def normalize(frames: torch.Tensor) -> torch.Tensor:
     return (frames.permute(0, 1, 4, 2, 3) / 255.0 - mean) / std
 
 
-def sample_batch(rng: np.random.Generator, tokenizer, batch: int, num_frames: int, device) -> dict:
-    """Fresh synthetic videos, one random question each; labels cover only the answer letter + EOS."""
+def sample_batch(rng: np.random.Generator, tokenizer, batch: int, num_frames: int, device,
+                 qtypes: tuple[int, ...] = (0, 1, 2, 3)) -> dict:
+    """Fresh synthetic videos, one random question each; labels cover only the answer letter + EOS.
+
+    ``qtypes`` indexes ``eval.synth_video.QUESTION_TYPES`` (first, last, needle, count).
+    """
     specs = [sample_spec(rng) for _ in range(batch)]
     idx = [np.linspace(0, s.num_frames - 1, num_frames, dtype=int) for s in specs]
     gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**31)))
@@ -236,7 +240,7 @@ def sample_batch(rng: np.random.Generator, tokenizer, batch: int, num_frames: in
     n_vid = num_frames * TOKENS_PER_FRAME
     seqs, labels = [], []
     for s in specs:
-        qa = make_questions(s, rng)[int(rng.integers(4))]
+        qa = make_questions(s, rng)[int(rng.choice(qtypes))]
         prompt_ids = tokenizer(build_prompt(lvb_prompt(qa["question"], qa["candidates"])))["input_ids"]
         k = prompt_ids.index(vid_id)
         prompt_ids = prompt_ids[:k] + [vid_id] * n_vid + prompt_ids[k + 1:]
