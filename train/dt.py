@@ -500,6 +500,7 @@ def write_provenance(path: Path, summary: dict) -> None:
     lines = [
         f"# Decision Transformer for {summary.get('env')} ({c.get('version', 'v5')})", "",
         "Made by `train/dt.py`; every number below comes from `summary.json` in this folder.", "",
+        *([summary["note"], ""] if summary.get("note") else []),
         "## Training",
         f"- command: `{summary.get('command')}`",
         f"- data: `{summary.get('data')}` ({summary.get('dataset_episodes')} episodes, "
