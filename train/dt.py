@@ -413,7 +413,11 @@ def evaluate(model, env_name: str, version: str, episodes: int, seed: int, max_s
 
     env = make_env(env_name, version)
     t0 = time.time()
-    rets = np.array(rollout_sliding_window(model, env, episodes=episodes, seed=seed, max_steps=max_steps))
+    rets = []
+    for i in range(episodes):  # one call per episode (same seeds as episodes=N) to log progress
+        rets += rollout_sliding_window(model, env, episodes=1, seed=seed + i, max_steps=max_steps)
+        _log(f"eval {env_name}: episode {i + 1}/{episodes} return {rets[-1]:.1f} ({time.time() - t0:.0f}s)")
+    rets = np.array(rets)
     env.close()
     d4 = d4rl_normalized_score(env_name, rets)
     res = {"episodes": episodes, "seed": seed, "max_steps": max_steps, "target_return": model.config.target_return,
