@@ -113,3 +113,16 @@ def test_resume(tmp_path):
     assert second["steps"] == 3 and not (out / "train_state.pt").exists()
     with pytest.raises(FileNotFoundError, match="video processor config"):
         TinyVideoProcessor.from_pretrained(tmp_path)
+
+
+def test_parse_stages():
+    from train.video import parse_stages, stage_at
+
+    stages = parse_stages("1/4,8/300;0,1,2,3/8,16,32/200")
+    assert stages == [((1,), [4, 8], 300), ((0, 1, 2, 3), [8, 16, 32], 500)]
+    assert stage_at(stages, 299) == ((1,), [4, 8]) and stage_at(stages, 300)[1] == [8, 16, 32]
+    assert stage_at(stages, 10**6) == ((0, 1, 2, 3), [8, 16, 32])
+    with pytest.raises(ValueError, match="bad --stages part"):
+        parse_stages("1/4/x")
+    with pytest.raises(ValueError, match="qtypes must be in 0-3"):
+        parse_stages("7/4/10")

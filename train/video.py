@@ -331,7 +331,8 @@ def write_provenance(out: Path, metrics: dict) -> None:
         f"- made: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {metrics['device_name']}"
         f" ({metrics['device']})",
         f"- seed {a['seed']}; {metrics['steps']} optimizer steps in {metrics['train_seconds']} s; "
-        f"frames per video {a['frames']}; "
+        + (f"curriculum (qtypes/frames/steps) `{a['stages']}`; " if a.get("stages")
+           else f"frames per video {a['frames']}; ")
         + (f"frame budget {a['frame_budget']}" if a["frame_budget"] else f"batch {a['batch']}")
         + f"; AdamW peak lr {a['lr']} (warmup 100, cosine)",
         f"- parameters: {metrics['params']:,}; final EMA train loss {metrics['final_ema_loss']:.4f}, "
@@ -355,6 +356,34 @@ def write_provenance(out: Path, metrics: dict) -> None:
     (out / "PROVENANCE.md").write_text("\n".join(lines) + "\n")
 
 
+def parse_stages(text: str) -> list[tuple[tuple[int, ...], list[int], int]]:
+    """Curriculum "qtypes/frames/steps;...", e.g. "1/4,8/300;0,1,2,3/8,16,32/900" -> cumulative end steps.
+
+    A tiny model trained on all question types at once sits on the uniform-answer plateau for a long
+    time; starting with the easy ``last`` question (type 1) on short clips breaks it.
+    """
+    stages, end = [], 0
+    for part in text.split(";"):
+        try:
+            q, f, n = part.split("/")
+            qtypes = tuple(int(x) for x in q.split(","))
+            frames = [int(x) for x in f.split(",")]
+            end += int(n)
+        except ValueError as e:
+            raise ValueError(f"bad --stages part {part!r}: expected qtypes/frames/steps ({e})") from e
+        if not set(qtypes) <= {0, 1, 2, 3} or min(frames) < 1:
+            raise ValueError(f"bad --stages part {part!r}: qtypes must be in 0-3 and frames positive")
+        stages.append((qtypes, frames, end))
+    return stages
+
+
+def stage_at(stages: list, step: int) -> tuple[tuple[int, ...], list[int]]:
+    for qtypes, frames, end in stages:
+        if step < end:
+            return qtypes, frames
+    return stages[-1][0], stages[-1][1]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train the tiny LLaVA-NeXT-Video model on synthetic video QA.")
     p.add_argument("--out", required=True, help="output dir: model + processor + metrics + PROVENANCE.md")
@@ -362,6 +391,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds of training (0 = no limit)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--frames", default="32,64", help="frame counts drawn per batch, comma separated")
+    p.add_argument("--stages", default="", help="curriculum qtypes/frames/steps;... (overrides --steps/--frames)")
     p.add_argument("--frame-budget", type=int, default=0,
                    help="frames per batch (videos = budget // frames, constant cost across lengths); 0 = --batch")
     p.add_argument("--lr", type=float, default=1e-3)
@@ -384,7 +414,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
-    frame_choices = [int(x) for x in args.frames.split(",")]
+    stages = parse_stages(args.stages) if args.stages else [((0, 1, 2, 3), [int(x) for x in args.frames.split(",")],
+                                                             args.steps)]
+    if args.stages:
+        args.steps = stages[-1][2]
     random.seed(args.seed)
     rng = np.random.default_rng(args.seed)
     tokenizer = build_tokenizer()
@@ -417,9 +450,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"calibrated: {elapsed / step:.3f}s/step -> {total} steps", flush=True)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total or 10**6, args.lr)
+        qtypes, frame_choices = stage_at(stages, step)
         n_frames = int(rng.choice(frame_choices))
         n_videos = max(1, args.frame_budget // n_frames) if args.frame_budget else args.batch
-        batch = sample_batch(rng, tokenizer, n_videos, n_frames, device)
+        batch = sample_batch(rng, tokenizer, n_videos, n_frames, device, qtypes)
         with amp:
             outputs = model(**batch)
         loss = outputs.loss
