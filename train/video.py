@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -322,12 +323,21 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def _init_lines(init: str) -> list[str]:
+    path = Path(init) / "train_metrics.json"
+    if not path.is_file():
+        return [f"- initialised from `{init}` (no train_metrics.json there)"]
+    m = json.loads(path.read_text())
+    return [f"- initialised from `{init}`, itself made by `{shlex.join(str(x) for x in m['argv'])}`"
+            f" (seed {m['args']['seed']}, {m['steps']} steps, {m['train_seconds']} s on {m['device_name']})"]
+
+
 def write_provenance(out: Path, metrics: dict) -> None:
     """PROVENANCE.md beside the weights: how they were made and what they score."""
     a = metrics["args"]
     lines = [
         "# Tiny LLaVA-NeXT-Video (synthetic long-video QA)", "",
-        f"- command: `{' '.join(str(x) for x in metrics['argv'])}`",
+        f"- command: `{shlex.join(str(x) for x in metrics['argv'])}`",
         f"- made: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {metrics['device_name']}"
         f" ({metrics['device']})",
         f"- seed {a['seed']}; {metrics['steps']} optimizer steps in {metrics['train_seconds']} s; "
@@ -339,6 +349,7 @@ def write_provenance(out: Path, metrics: dict) -> None:
         f"teacher-forced letter accuracy {metrics['final_ema_letter_acc']:.3f}",
         "- data: fresh videos from `eval.synth_video.sample_spec` rendered in-process (numpy seed = training seed),"
         " codec-like chroma subsampling + noise; never the shipped eval set (generator seed 1234)",
+        *(_init_lines(a["init"]) if a.get("init") else []),
         "- prompt: `train.video.build_prompt(lvb_prompt(question, options))`, target = option letter + `</s>`", "",
         "## Held-out full-cache accuracy (greedy, lmms-eval LongVideoBench parser, chance = 0.20)", "",
         "| frames | overall | " + " | ".join(("first", "last", "needle", "count")) + " | n |",
@@ -406,6 +417,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=500, help="checkpoint for --resume every N steps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    p.add_argument("--init", default="", help="start from the weights of a model dir saved by this script")
     return p.parse_args(argv)
 
 
@@ -423,6 +435,14 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = build_tokenizer()
     processor = TinyVideoProcessor(tokenizer)
     model = build_model(tokenizer, args.vision_hidden, args.text_hidden, args.text_layers, args.seed).to(device)
+    if args.init:
+        from transformers import LlavaNextVideoForConditionalGeneration
+
+        weights = Path(args.init) / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights}: --init needs a model directory saved by this script")
+        model.load_state_dict(LlavaNextVideoForConditionalGeneration.from_pretrained(args.init).state_dict())
+        print(f"initialised from {weights}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     step, total, elapsed_before = 0, args.steps, 0.0
     state_path = out / "train_state.pt"
