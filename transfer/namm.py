@@ -255,10 +255,13 @@ def bam_scores(x: Tensor, params: NAMMParams, valid: Tensor | None = None) -> Te
     n_feat = x.shape[-1]
     qkv = x @ p.w_qkv + p.b_qkv  # (batch, heads, n_keys, 3 * hidden)
     q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
-    if valid is not None:
+    if valid is not None and not bool(valid.all()):
+        # One extra q/k dimension carries the padding penalty; zero columns keep the head dim a multiple
+        # of 8 so that the memory-efficient SDPA kernel (not the O(n^2)-memory math path) serves it.
         pad = (~valid.bool()).to(x.dtype)[..., None]  # (batch, heads, n_keys, 1)
-        q = torch.cat([q, torch.ones_like(pad)], dim=-1)
-        k = torch.cat([k, -_PAD_LOGIT * math.sqrt(d) * pad], dim=-1)
+        zeros = pad.new_zeros(*pad.shape[:-1], 7)
+        q = torch.cat([q, torch.ones_like(pad), zeros], dim=-1)
+        k = torch.cat([k, -_PAD_LOGIT * math.sqrt(d) * pad, zeros], dim=-1)
     out = F.scaled_dot_product_attention(
         q.flip(-2), k.flip(-2), v.flip(-2), is_causal=True, scale=1.0 / math.sqrt(d)
     ).flip(-2)  # (batch, heads, n_keys, hidden)
