@@ -30,12 +30,12 @@ SWEEP = "0.25,0.5,0.75"
 # Command-line arguments of each domain's evaluator, per preset (parsed by the domain's own parser).
 PRESETS: dict[str, dict[str, list[str]]] = {
     "quick": {
-        "lm": ["--tasks", "niah_multikey,mqar,passage,vt", "--n", "6", "--length", "1024", "--batch-size", "6"],
+        "lm": ["--tasks", "niah_single,vt,fwe", "--n", "8", "--length", "2048", "--batch-size", "8"],
         "rl": ["--episodes", "3", "--max-steps", "300"],
-        "video": [],
+        "video": ["--limit", "12"],
     },
     "full": {
-        "lm": ["--n", "32", "--length", "2048"],
+        "lm": ["--tasks", "niah_single,vt,fwe,niah_multikey,mqar,passage", "--n", "32", "--length", "2048"],
         "rl": ["--episodes", "10", "--max-steps", "1000"],
         "video": [],
     },

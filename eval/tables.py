@@ -24,17 +24,15 @@ def fmt(value: Any, pct: bool = False) -> str:
 def print_domain_table(title: str, results: dict[str, dict[str, Any]], seconds: float | None = None) -> None:
     """Console table: policy, score, kept-cache %, plus per-task scores when present."""
     table = Table(title=title)
-    table.add_column("policy")
-    table.add_column("score", justify="right")
-    table.add_column("kept %", justify="right")
     sub = sorted({k for m in results.values() for k in m.get("per_task", {})})
-    for key in sub:
-        table.add_column(key, justify="right")
+    for i, key in enumerate(["policy", "score", "kept %", *sub]):
+        table.add_column(key, justify="left" if i == 0 else "right", no_wrap=True)
     for label, m in results.items():
         per = m.get("per_task", {})
         cells = [fmt(m.get("score")), fmt(m.get("kept_fraction"), pct=True), *[fmt(per.get(k)) for k in sub]]
         table.add_row(label, *cells)
-    console = Console()
+    width = max(len(label) for label in results) + sum(max(len(k), 6) + 3 for k in ["score", "kept %", *sub]) + 4
+    console = Console(width=max(width, len(title) + 4))
     console.print(table)
     if seconds is not None:
         console.print(f"[dim]{seconds:.1f} s[/dim]")
