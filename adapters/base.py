@@ -92,3 +92,28 @@ class Adapter:
                 out = forward(start, end, positions)
             start = end
         return out
+
+
+def greedy_decode(
+    logits: torch.Tensor,
+    step: Callable[[torch.Tensor], torch.Tensor],
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+) -> torch.Tensor:
+    """Greedy decoding shared by the text-generating adapters.
+
+    logits (batch, vocab) come from the prefill; step(tokens (batch,)) feeds one token per row under the
+    memory and returns the next logits. Returns (batch, <= max_new_tokens); finished rows repeat EOS.
+    """
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    new_tokens: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        token = logits.argmax(-1)  # (batch,)
+        if eos_token_id is not None:
+            token = torch.where(done, torch.full_like(token, eos_token_id), token)
+            done |= token == eos_token_id
+        new_tokens.append(token)
+        if bool(done.all()) or len(new_tokens) == max_new_tokens:
+            break
+        logits = step(token)
+    return torch.stack(new_tokens, dim=1)

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from adapters.base import Adapter
+from adapters.base import Adapter, greedy_decode
 from transfer.memory import KVMemory
 
 
@@ -62,16 +62,6 @@ class CausalLMAdapter(Adapter):
         Returns (batch, <= max_new_tokens) new token ids; rows that hit EOS are padded with EOS.
         """
         logits = self.prefill(memory, input_ids, attention_mask, chunk_size)
-        batch = logits.shape[0]
-        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        new_tokens = []
-        for _ in range(max_new_tokens):
-            token = logits.argmax(-1)  # (batch,)
-            if eos_token_id is not None:
-                token = torch.where(done, torch.full_like(token, eos_token_id), token)
-                done |= token == eos_token_id
-            new_tokens.append(token)
-            if bool(done.all()) or len(new_tokens) == max_new_tokens:
-                break
-            logits = self.prefill(memory, token[:, None], torch.ones_like(token[:, None], dtype=torch.bool))
-        return torch.stack(new_tokens, dim=1)
+        return greedy_decode(
+            logits, lambda token: self.prefill(memory, token[:, None]), max_new_tokens, eos_token_id
+        )

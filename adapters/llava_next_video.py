@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from adapters.base import Adapter
+from adapters.base import Adapter, greedy_decode
 from transfer.memory import KVMemory
 
 
@@ -131,20 +131,13 @@ class LlavaNextVideoAdapter(Adapter):
     ) -> torch.Tensor:
         """Greedy decoding from the prefill's logits; returns (batch, <= max_new_tokens), EOS-padded."""
         embed_tokens = self.language_model.get_input_embeddings()
-        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=self.device)
-        new_tokens: list[torch.Tensor] = []
-        for _ in range(max_new_tokens):
-            token = logits.argmax(-1)  # (batch,)
-            if eos_token_id is not None:
-                token = torch.where(done, torch.full_like(token, eos_token_id), token)
-                done |= token == eos_token_id
-            new_tokens.append(token)
-            if bool(done.all()) or len(new_tokens) == max_new_tokens:
-                break
+
+        def step(token: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
-                step = embed_tokens(token[:, None])  # (batch, 1, hidden)
-            logits = self.prefill(memory, step)
-        return torch.stack(new_tokens, dim=1)
+                embeds = embed_tokens(token[:, None])  # (batch, 1, hidden)
+            return self.prefill(memory, embeds)
+
+        return greedy_decode(logits, step, max_new_tokens, eos_token_id)
 
     def generate(
         self,

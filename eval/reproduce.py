@@ -49,14 +49,25 @@ def _domain_args(module: Any, argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_domains(preset: str, out: Path, namm: str | None, domains: list[str]) -> dict[str, dict[str, dict]]:
+def config_argv(config: dict[str, Any], domain: str) -> list[str]:
+    """A --config file's options for one domain ({"model": "x", "max-steps": 5}) as command-line arguments."""
+    argv: list[str] = []
+    for key, value in config.get(domain, {}).items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def run_domains(
+    preset: str, out: Path, namm: str | None, domains: list[str], config: dict[str, Any] | None = None
+) -> dict[str, dict[str, dict]]:
     """{domain: {policy label: metrics}}; RL metrics are averaged over environments."""
     policies = f"full,namm,h2o,l2,namm@{SWEEP.replace(',', ',namm@')}"
     common = ["--policies", policies, "--budget", f"match,{SWEEP}"] + (["--namm", namm] if namm else [])
     results: dict[str, dict[str, dict]] = {}
     for domain in domains:
         module = __import__(f"eval.{domain}", fromlist=["run"])
-        argv = PRESETS[preset][domain] + common + ["--out", str(out / "runs" / domain)]
+        argv = [*PRESETS[preset][domain], *common, *config_argv(config or {}, domain)]
+        argv += ["--out", str(out / "runs" / domain)]
         t0 = time.time()
         res = module.run(_domain_args(module, argv))
         if domain == "rl":
@@ -108,7 +119,7 @@ def domain_table(domain: str, res: dict[str, dict]) -> tuple[list[str], list[lis
     """Paper layout: rows = policies; columns = tasks/environments, average, kept %, paper columns."""
     subs = sorted({k for m in res.values() for k in m.get("per_task", {})})
     paper_cols = [c for c in PAPER.get(domain, {}).get("columns", [])]
-    header = ["policy", *subs, "avg", "kept %", *[f"paper {c} ({PAPER[domain]['table']})" for c in paper_cols]]
+    header = ["policy", *subs, "avg", "kept %", *[f"paper {c}" for c in paper_cols]]
     rows = []
     for label, m in res.items():
         prow = PAPER.get(domain, {}).get("rows", {}).get(label, {})
@@ -117,8 +128,8 @@ def domain_table(domain: str, res: dict[str, dict]) -> tuple[list[str], list[lis
     return header, rows
 
 
-def write_table(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    path.with_suffix(".md").write_text(to_markdown(header, rows))
+def write_table(path: Path, header: list[str], rows: list[list[str]], caption: str = "") -> None:
+    path.with_suffix(".md").write_text((caption + "\n\n" if caption else "") + to_markdown(header, rows))
     path.with_suffix(".csv").write_text(to_csv(header, rows))
     path.with_suffix(".tex").write_text(to_latex(header, rows))
 
@@ -198,11 +209,11 @@ def eviction_examples(out: Path, namm: str | None, domains: list[str]) -> list[s
         from eval.lm import DEFAULT_LM, load_lm, make_examples
 
         adapter, tok = load_lm(DEFAULT_LM)
-        ex = make_examples("mqar", 1, 1024, 7)[0]
+        ex = make_examples("niah_single", 1, 2048, 7)[0]
         enc = tok([ex.prompt], return_tensors="pt")
         memory = adapter.new_memory(make_policy("namm", namm=namm), update_interval=256, record=True)
         adapter.generate(memory, enc.input_ids, enc.attention_mask, 8)
-        eviction_map(memory.history, memory.n_fed, f"NAMM on the source LM (mqar, {memory.n_fed} tokens)",
+        eviction_map(memory.history, memory.n_fed, f"NAMM on the source LM (niah_single, {memory.n_fed} tokens)",
                      out / "eviction_lm.png")
         written.append("eviction_lm.png")
     if "rl" in domains:
@@ -218,15 +229,38 @@ def eviction_examples(out: Path, namm: str | None, domains: list[str]) -> list[s
                      out / "eviction_rl.png")
         written.append("eviction_rl.png")
     if "video" in domains:
-        try:
-            from eval.video import eviction_history
-        except ImportError:
-            return written
+        from eval.video import eviction_history
+
         history, n_tokens = eviction_history(namm)
         eviction_map(history, n_tokens, "NAMM on the video model (video tokens, then question)",
                      out / "eviction_video.png")
         written.append("eviction_video.png")
     return written
+
+
+def update_readme(report: Path, preset: str) -> None:
+    """Copy the report to docs/report/ and replace the README's results section with its table and curves."""
+    import shutil
+
+    docs = ROOT / "docs" / "report"
+    docs.mkdir(parents=True, exist_ok=True)
+    for file in report.iterdir():
+        if file.suffix in (".md", ".csv", ".tex", ".png", ".json"):
+            shutil.copy2(file, docs / file.name)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no {start} ... {end} section to update")
+    section = (
+        f"{start}\nFrom `namm-transfer reproduce --preset {preset}` (config and versions: "
+        "[docs/report/config.json](docs/report/config.json); per-domain tables in docs/report/). Scores: "
+        "language = mean exact-match over tasks, RL = D4RL-normalised return averaged over the three "
+        "environments, video = accuracy on the synthetic set. `h2o@match`/`l2@match` run at the NAMM's "
+        "measured kept fraction.\n\n" + (report / "cross_domain.md").read_text()
+        + "\n![score versus kept cache](docs/report/score_vs_kept.png)\n" + end
+    )
+    readme.write_text(text[: text.index(start)] + section + text[text.index(end) + len(end):])
 
 
 def versions() -> dict[str, Any]:
@@ -245,7 +279,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="quick: CPU in under 10 minutes; full: more examples/episodes (GPU recommended)")
     p.add_argument("--domains", default="lm,rl,video", help="comma-separated subset of lm,rl,video")
     p.add_argument("--namm", default=None, help="NAMM checkpoint (default: the shipped one)")
+    p.add_argument("--config", default=None,
+                   help="JSON file of per-domain evaluator options overriding the preset, e.g. real models and "
+                        "benchmarks for a GPU user (see eval/configs/paper-gpu.json)")
     p.add_argument("--out", default="runs/reproduce", help="runs and report go here; finished runs are reused")
+    p.add_argument("--update-readme", action="store_true",
+                   help="also copy the report's tables and curves to docs/report/ and put the table in README.md")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -254,16 +293,30 @@ def run(args: argparse.Namespace) -> int:
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     domains = [d.strip() for d in args.domains.split(",")]
-    results = run_domains(args.preset, out, args.namm, domains)
-    write_table(report / "cross_domain", *cross_domain_table(results))
+    config = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        config = json.loads(path.read_text())
+        unknown = set(config) - {"lm", "rl", "video"} - {k for k in config if k.startswith("_")}
+        if unknown:
+            raise ValueError(f"--config {path}: unknown domain(s) {sorted(unknown)}; use lm, rl, video")
+    results = run_domains(args.preset, out, args.namm, domains, config)
+    note = "Columns `paper ...` hold numbers copied from the paper ({}); n/a = not copied yet, never estimated."
+    write_table(report / "cross_domain", *cross_domain_table(results),
+                note.format("; ".join(PAPER[d]["table"] for d in results if d in PAPER)))
     for domain, res in results.items():
-        write_table(report / f"table_{domain}", *domain_table(domain, res))
+        write_table(report / f"table_{domain}", *domain_table(domain, res), note.format(PAPER[domain]["table"]))
     plot_curves(results, report / "score_vs_kept.png")
     figures = ["score_vs_kept.png", *eviction_examples(report, args.namm, domains)]
     write_json_atomic(report / "config.json", {"preset": args.preset, "domains": domains, "namm": args.namm,
+                                               "config_file": config,
                                                "domain_args": PRESETS[args.preset], "versions": versions(),
                                                "seconds": time.time() - t0})
     write_json_atomic(report / "results.json", results)
+    if args.update_readme:
+        update_readme(report, args.preset)
     print((report / "cross_domain.md").read_text())
     print(f"report: {report} (tables .md/.csv/.tex, {', '.join(figures)}); {time.time() - t0:.0f} s")
     return 0

@@ -52,7 +52,8 @@ def summarize(env: str):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", default=DEFAULT_ENVS, help=f"comma-separated environments ({DEFAULT_ENVS})")
     p.add_argument("--model", default=None,
-                   help="DT id or path (edbeeching format works); default: the shipped agent artifacts/rl/dt-<env>")
+                   help="DT id or path, '{env}' is replaced by the environment name (e.g. "
+                        "edbeeching/decision-transformer-gym-{env}-medium); default: the shipped artifacts/rl/dt-<env>")
     p.add_argument("--policies", "--policy", default="full,h2o,l2,namm", help="comma-separated policies")
     p.add_argument("--budget", default="match", help="'match' (NAMM's kept fraction) or fractions, e.g. 0.25,0.5")
     p.add_argument("--namm", default=None, help="NAMM checkpoint (default: the shipped NAMM)")
@@ -76,7 +77,7 @@ def evaluate_env(env: str, args: argparse.Namespace) -> dict[str, dict[str, Any]
     from eval.tables import print_domain_table
 
     start = time.time()
-    model_path = args.model or str(default_model(env))
+    model_path = args.model.format(env=env) if args.model else str(default_model(env))
     adapter = DecisionTransformerAdapter.from_pretrained(model_path, device=process_device(args.device), env_name=env)
     cfg = adapter.model.config
     target = args.target_return if args.target_return is not None else float(cfg.target_return)

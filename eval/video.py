@@ -205,3 +205,18 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if errors:
         print(f"{errors} video(s) could not be read; their questions are left out (see predictions.jsonl)")
     return results
+
+
+def eviction_history(namm: str | None = None, frames: int = 32, update_interval: int = 128) -> tuple[list, int]:
+    """The NAMM's eviction record on the first video of the shipped synthetic set (for the report's map)."""
+    from adapters.llava_next_video import LlavaNextVideoAdapter
+    from eval.video_io import read_frames
+    from transfer.policies import make_policy
+
+    item = load_items("synthetic", default_data("synthetic"), 1)[0]
+    adapter = LlavaNextVideoAdapter.from_pretrained(str(default_model()))
+    size = getattr(adapter.processor, "size", None)
+    video = read_frames(item.video_path, frames, size=size if isinstance(size, int) else None)
+    memory = adapter.new_memory(make_policy("namm", namm=namm), update_interval=update_interval, record=True)
+    adapter.answer_many(memory, video, [item.questions[0].prompt], max_new_tokens=4)
+    return memory.history, memory.n_fed

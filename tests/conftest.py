@@ -29,6 +29,41 @@ def random_namm_theta(seed: int = 0, scale: float = 0.3) -> torch.Tensor:
     return theta
 
 
+def tiny_lm_dir(root):
+    """A tiny random Llama + the synthetic tasks' word tokenizer saved as an HF model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from eval.tasks.synthetic import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+class Replay:
+    """Test-only policy for evict="mask": keep exactly the slots a gather-mode run kept, update by update.
+
+    In mask mode the cache is never gathered, so cache index == slot index and the recorded kept slots
+    are the indices to keep. Evicting (gather) must then give the same outputs as masking.
+    """
+
+    needs_attention = False
+    name = "replay"
+
+    def __init__(self, history):
+        self.history = list(history)
+
+    def update(self, view, state):
+        layer, kept_slots = self.history.pop(0)
+        assert layer == view.layer, "the mask run must see the updates in the gather run's order"
+        return kept_slots, None
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

@@ -20,7 +20,7 @@ import functools
 import pytest
 import torch
 from adapter_cases import CASES, AdapterCase
-from conftest import random_namm_theta
+from conftest import Replay, random_namm_theta
 
 from adapters import ADAPTERS, adapter_for
 from transfer.namm import NormStats
@@ -40,21 +40,6 @@ def make_test_policy(name: str):
     if name in BUDGETED:
         return make_policy(name, budget=BUDGETS.get(name, 0.4))
     return make_policy(name)
-
-
-class Replay:
-    """Mask mode: keep exactly the slots a gather run kept, update by update (cache index == slot there)."""
-
-    needs_attention = False
-    name = "replay"
-
-    def __init__(self, history):
-        self.history = list(history)
-
-    def update(self, view, state):
-        layer, kept_slots = self.history.pop(0)
-        assert layer == view.layer, "the mask run must see the updates in the gather run's order"
-        return kept_slots, None
 
 
 class Probe:

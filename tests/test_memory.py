@@ -6,28 +6,12 @@ import copy
 
 import pytest
 import torch
-from conftest import random_namm_theta, tiny_llama
+from conftest import Replay, random_namm_theta, tiny_llama
 
 from adapters.llama import CausalLMAdapter
 from transfer.namm import NormStats
 from transfer.policies import make_policy
 from transfer.policies.namm import NAMMPolicy
-
-
-class Replay:
-    """Test-only policy: in mask mode, keep exactly the slots a gather-mode run kept (same order of updates)."""
-
-    needs_attention = False
-    name = "replay"
-
-    def __init__(self, history):
-        self.history = list(history)
-
-    def update(self, view, state):
-        layer, kept_slots = self.history.pop(0)
-        assert layer == view.layer
-        # In mask mode cache index == slot index, so kept slots are the indices to keep.
-        return kept_slots, None
 
 
 def _ids(batch=2, n=150, seed=1):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_namm_theta
+from conftest import random_namm_theta, tiny_lm_dir
 
 from transfer.cli import main
 from transfer.namm import NAMMConfig, NormStats, load_namm, save_namm
@@ -23,18 +23,8 @@ pytestmark = pytest.mark.skipif(not Path(ACCELERATE).exists(), reason="accelerat
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from eval.tasks.synthetic import build_tokenizer
-
     root = tmp_path_factory.mktemp("mp")
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(root / "lm")
-    tok.save_pretrained(root / "lm")
+    tiny_lm_dir(root / "lm")
     norm = NormStats(mean=torch.full((17,), 0.01), var=torch.full((17,), 1e-4), count=10)
     save_namm(root / "namm", random_namm_theta(), norm, NAMMConfig(), provenance={"made_by": "test"})
     return root

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import random_namm_theta
-from test_memory import Replay
+from conftest import Replay, random_namm_theta
 
 from adapters.llava_next_video import LlavaNextVideoAdapter
 from train.video import IMAGE_TOKEN, VIDEO_TOKEN, TinyVideoProcessor, build_prompt, build_tokenizer

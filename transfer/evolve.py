@@ -96,6 +96,8 @@ def evolve(cfg: EvolveConfig) -> Path:
     ckpt: dict[str, Any] = {"stage": 0, "generation": 0, "es": None, "norm": None, "log": []}
     if ckpt_file.exists():
         ckpt = pickle.loads(ckpt_file.read_bytes())
+        if ckpt["es"] is not None:  # unpickling binds cma's sampler to a copy of numpy's global RNG
+            ckpt["es"].opts["randn"] = ckpt["es"].sm.randn = np.random.randn
         if state.is_main_process:
             print(f"resuming {out}: stage {ckpt['stage'] + 1}, generation {ckpt['generation']}")
     elif state.is_main_process:
