@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from adapters.llama import CausalLMAdapter
 from eval.tasks import synthetic
+from transfer.memory import check_update_interval
 from transfer.runner import evaluate_policies, parse_policies, process_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    check_update_interval(args.update_interval)
     start = time.time()
     adapter, tokenizer = load_lm(args.model, process_device(args.device))
     examples = make_examples(args.tasks, args.n, args.length, args.seed)

@@ -20,6 +20,7 @@ import torch
 from adapters.decision_transformer import DecisionTransformerAdapter
 from envs.d4rl import d4rl_normalized_score
 from envs.mujoco import get_spec, make_env
+from transfer.memory import check_update_interval
 from transfer.rundir import RunDir, slug
 from transfer.runner import evaluate_policies, parse_policies, process_device
 
@@ -76,6 +77,7 @@ def evaluate_env(env: str, args: argparse.Namespace) -> dict[str, dict[str, Any]
     """Every policy on one environment; prints and returns {policy label: metrics}."""
     from eval.tables import print_domain_table
 
+    check_update_interval(args.update_interval)
     start = time.time()
     model_path = args.model.format(env=env) if args.model else str(default_model(env))
     adapter = DecisionTransformerAdapter.from_pretrained(model_path, device=process_device(args.device), env_name=env)

@@ -34,6 +34,7 @@ from eval.video_bench import (
     mlvu_metrics,
     parse_predictions,
 )
+from transfer.memory import check_update_interval
 from transfer.rundir import slug
 from transfer.runner import evaluate_policies, parse_policies
 
@@ -147,6 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from eval.tables import print_domain_table
     from eval.video_io import VideoError, read_frames
 
+    check_update_interval(args.update_interval)
     start = time.time()
     if args.frames <= 0:
         raise ValueError(f"--frames must be positive, got {args.frames}")

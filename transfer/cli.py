@@ -38,6 +38,13 @@ def _namm_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAINERS = {
+    "lm": ("train.lm", "the source LM on synthetic long-context tasks"),
+    "dt": ("train.dt", "a Decision Transformer from a D4RL hdf5 / Minari dataset"),
+    "video": ("train.video", "the tiny LLaVA-NeXT-Video model on synthetic video QA"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="namm-transfer", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,15 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
 
-    train = sub.add_parser("train", help="train the small shipped models").add_subparsers(dest="what", required=True)
-    for name, module, help_text in (
-        ("lm", "train.lm", "the source LM on synthetic long-context tasks"),
-        ("dt", "train.dt", "a Decision Transformer from a D4RL hdf5 / Minari dataset"),
-        ("video", "train.video", "the tiny LLaVA-NeXT-Video model on synthetic video QA"),
-    ):
-        p = train.add_parser(name, help=help_text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda a, m=module: __import__(m, fromlist=["main"]).main(a.rest))
+    train = sub.add_parser("train", help="train the small shipped models (`train <what> --help` for options)")
+    train = train.add_subparsers(dest="what", required=True)
+    for name, (_, help_text) in TRAINERS.items():
+        train.add_parser(name, help=help_text)  # parsing is the trainer's own (see main)
 
     try:
         from eval import reproduce
@@ -105,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "train" and argv[1] in TRAINERS:  # the trainer parses its own options
+        __import__(TRAINERS[argv[1]][0], fromlist=["main"]).main(argv[2:])
+        return 0
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)

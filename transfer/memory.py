@@ -32,6 +32,12 @@ ATTN_IMPLEMENTATION = "namm_transfer"
 _ACTIVE: contextvars.ContextVar[KVMemory | None] = contextvars.ContextVar("namm_memory", default=None)
 
 
+def check_update_interval(update_interval: int) -> None:
+    """Evaluators call this before writing anything: the NAMM's STFT needs whole hops of 16 queries."""
+    if update_interval <= 0 or update_interval % 16:
+        raise ValueError(f"update_interval must be a positive multiple of 16 (the STFT hop), got {update_interval}")
+
+
 @dataclass
 class LayerView:
     """What a policy sees of one layer at one update."""
@@ -77,8 +83,7 @@ class KVMemory:
         evict: str = "gather",
         record: bool = False,
     ) -> None:
-        if update_interval <= 0 or update_interval % 16:
-            raise ValueError(f"update_interval must be a positive multiple of 16 (the STFT hop), got {update_interval}")
+        check_update_interval(update_interval)
         if evict not in ("gather", "mask"):
             raise ValueError(f"evict must be 'gather' or 'mask', got {evict!r}")
         self.policy = policy

@@ -8,6 +8,7 @@ directories (config, predictions.jsonl, metrics.json).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -159,8 +160,9 @@ def evaluate_policies(
 
             def batch_fn(batch: list[Any], spec: PolicySpec = spec, kept: dict = namm_kept) -> list[dict[str, Any]]:
                 matched = None
-                if spec.budget == "match" and kept:
-                    matched = sum(kept[ex.id] for ex in batch) / len(batch)
+                values = [kept[ex.id] for ex in batch if ex.id in kept and math.isfinite(kept[ex.id])]
+                if spec.budget == "match" and values:  # failed examples (NaN) have no fraction to match
+                    matched = sum(values) / len(values)
                 rows = evaluate_batch(lambda: build_policy(spec, namm, matched), batch)
                 for row in rows:
                     row["policy"] = spec.label
