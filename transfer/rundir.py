@@ -21,6 +21,25 @@ def slug(*parts: Any) -> str:
     return "__".join(c.strip("-") for c in clean if c)
 
 
+def fingerprint(path_or_id: str | Path | None) -> str:
+    """Short content hash of a local model/NAMM's weight files, so a retrained artefact is not mistaken for
+    a finished run; hub ids (not on disk) are returned as they are."""
+    import hashlib
+
+    if path_or_id is None:
+        return ""
+    path = Path(path_or_id)
+    if not path.exists():
+        return str(path_or_id)
+    weights = (".safetensors", ".pt", ".bin")
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in weights)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON via a temp file and rename, so a kill never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

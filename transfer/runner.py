@@ -17,7 +17,7 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from transfer.policies import make_policy
-from transfer.rundir import RunDir, slug
+from transfer.rundir import RunDir, fingerprint, slug
 
 
 @dataclass(frozen=True)
@@ -150,10 +150,15 @@ def evaluate_policies(
     evaluate_batch(policy_factory, batch) gets a zero-argument factory so each sequence/episode gets
     a fresh policy; rows must hold `id` and `kept_fraction`.
     """
+    from transfer.policies.namm import DEFAULT_NAMM
+
     results: dict[str, dict[str, Any]] = {}
     namm_kept: dict[str, float] = {}
+    # Weights fingerprints: a retrained model or NAMM is a different run, never a finished one.
+    config = {**config, "model_sha": fingerprint(config.get("model")), "namm": namm,
+              "namm_sha": fingerprint(namm or DEFAULT_NAMM)}
     for spec in specs:
-        run = RunDir(Path(out_dir) / slug(spec.label), {**config, "policy": asdict(spec), "namm": namm})
+        run = RunDir(Path(out_dir) / slug(spec.label), {**config, "policy": asdict(spec)})
         if run.finished():
             metrics, rows = run.metrics(), run.predictions()
         else:
