@@ -22,7 +22,7 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -66,6 +66,11 @@ class _LayerState:
     query_valid: list[torch.Tensor] = field(default_factory=list)  # [(batch, n)]
     n_new: int = 0
     policy_state: Any = None
+
+    def copy(self) -> _LayerState:
+        """Tensors are only ever replaced, never written in place, so sharing them is safe."""
+        return replace(self, queries=list(self.queries), query_slots=list(self.query_slots),
+                       query_valid=list(self.query_valid))
 
 
 class KVMemory:
@@ -233,13 +238,7 @@ class KVMemory:
         """Cheap restorable state (tensors are never modified in place, only replaced)."""
         return {
             "kv": [(layer.keys, layer.values) for layer in self.cache.layers],
-            "layers": {
-                i: _LayerState(
-                    s.slots, s.valid, list(s.queries), list(s.query_slots), list(s.query_valid), s.n_new,
-                    s.policy_state,
-                )
-                for i, s in self.layers.items()
-            },
+            "layers": {i: state.copy() for i, state in self.layers.items()},
             "n_fed": self.n_fed,
             "n_seen": self.n_seen,
             "kept_log": list(self.kept_log),
@@ -249,12 +248,7 @@ class KVMemory:
         """Return to a snapshot, e.g. to answer the next question from the same compressed context."""
         for layer, (k, v) in zip(self.cache.layers, snap["kv"]):
             layer.keys, layer.values = k, v
-        self.layers = {
-            i: _LayerState(
-                s.slots, s.valid, list(s.queries), list(s.query_slots), list(s.query_valid), s.n_new, s.policy_state
-            )
-            for i, s in snap["layers"].items()
-        }
+        self.layers = {i: state.copy() for i, state in snap["layers"].items()}
         self.n_fed, self.n_seen, self.kept_log = snap["n_fed"], snap["n_seen"], list(snap["kept_log"])
 
 
