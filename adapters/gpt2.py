@@ -9,10 +9,10 @@ What is GPT-2's own: the position table ends at `n_positions`, and cross-attenti
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
 from adapters.llama import CausalLMAdapter
 from transfer.memory import KVMemory
@@ -26,13 +26,6 @@ class GPT2Adapter(CausalLMAdapter):
         if getattr(model.config, "add_cross_attention", False):
             raise ValueError("GPT-2 with cross-attention (add_cross_attention=True) is not supported")
         super().__init__(model)
-
-    @classmethod
-    def from_pretrained(cls, id_or_path: str, device: str = "cpu", dtype: Any = None) -> GPT2Adapter:
-        model_type = AutoConfig.from_pretrained(id_or_path).model_type
-        if model_type not in cls.model_types:
-            raise ValueError(f"{id_or_path} is a {model_type!r} model, not GPT-2")
-        return super().from_pretrained(id_or_path, device, dtype)
 
     def prefill(
         self,

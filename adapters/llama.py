@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from adapters.base import Adapter, greedy_decode
 from transfer.memory import KVMemory
@@ -21,6 +21,10 @@ class CausalLMAdapter(Adapter):
 
     @classmethod
     def from_pretrained(cls, id_or_path: str, device: str = "cpu", dtype: Any = None) -> CausalLMAdapter:
+        """Load an HF checkpoint of this family; a checkpoint of another model type is one clear error."""
+        model_type = AutoConfig.from_pretrained(id_or_path).model_type
+        if model_type not in cls.model_types:
+            raise ValueError(f"{id_or_path} is a {model_type!r} model, not one of {', '.join(cls.model_types)}")
         model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(id_or_path, dtype=dtype)
         return cls(model.to(device))
 

@@ -209,17 +209,24 @@ def test_gpt2_refuses_to_run_past_its_position_table():
     assert memory.n_fed == fed  # nothing was fed half-way
 
 
-def test_qwen2_refuses_sliding_window_layers():
+def test_qwen2_sliding_window_layers_match_hf():
+    """Sliding-window layers: the memory applies the window in its mask, as HF's own cache and mask do."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from adapters.qwen2 import Qwen2Adapter
 
+    torch.manual_seed(0)
     cfg = Qwen2Config(
         vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, use_sliding_window=True, sliding_window=64, max_window_layers=1,
+        num_key_value_heads=1, use_sliding_window=True, sliding_window=40, max_window_layers=1,
     )
-    with pytest.raises(ValueError, match="sliding-window"):
-        Qwen2Adapter(Qwen2ForCausalLM(cfg))
+    model = Qwen2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 97, (1, 120), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[:, 120:]
+    adapter = Qwen2Adapter(model)
+    memory = adapter.new_memory(make_test_policy("full"), update_interval=UPDATE)
+    assert torch.equal(adapter.generate(memory, ids, None, 12), ref)
 
 
 @pytest.mark.parametrize("case", ["gpt2", "qwen2-gqa"])

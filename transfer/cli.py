@@ -81,28 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
 
-    try:
-        from transfer import evolve
+    from transfer import evolve
 
-        p = sub.add_parser("evolve", help="evolve a NAMM with CMA-ES on a causal LM (resumable)")
-        evolve.add_arguments(p)
-        p.set_defaults(func=evolve.run)
-    except ImportError:
-        pass
+    p = sub.add_parser("evolve", help="evolve a NAMM with CMA-ES on a causal LM (resumable)")
+    evolve.add_arguments(p)
+    p.set_defaults(func=evolve.run)
 
     train = sub.add_parser("train", help="train the small shipped models (`train <what> --help` for options)")
     train = train.add_subparsers(dest="what", required=True)
     for name, (_, help_text) in TRAINERS.items():
         train.add_parser(name, help=help_text)  # parsing is the trainer's own (see main)
 
-    try:
-        from eval import reproduce
+    from eval import reproduce
 
-        p = sub.add_parser("reproduce", help="every domain on the embedded defaults -> report (tables, plots)")
-        reproduce.add_arguments(p)
-        p.set_defaults(func=reproduce.run)
-    except ImportError:
-        pass
+    p = sub.add_parser("reproduce", help="every domain on the embedded defaults -> report (tables, plots)")
+    reproduce.add_arguments(p)
+    p.set_defaults(func=reproduce.run)
     return parser
 
 
