@@ -94,7 +94,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEFAULT_LM), help="HF causal LM id or path (default: the shipped tiny LM)")
-    p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated synthetic tasks ({DEFAULT_TASKS})")
+    p.add_argument("--tasks", default=DEFAULT_TASKS,
+                   help=f"comma-separated synthetic tasks, from: {', '.join(synthetic.TASKS)}")
     p.add_argument("--n", type=int, default=16, help="examples per task")
     p.add_argument("--length", type=int, default=2048, help="prompt length in tokens")
     p.add_argument("--seed", type=int, default=HELDOUT_SEED, help="example seed (held out from evolution)")
