@@ -38,6 +38,8 @@ def _namm_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULTS = argparse.ArgumentDefaultsHelpFormatter  # --help shows every option's default
+
 TRAINERS = {
     "lm": ("train.lm", "the source LM on synthetic long-context tasks"),
     "dt": ("train.dt", "a Decision Transformer from a D4RL hdf5 / Minari dataset"),
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     from eval import lm
 
-    p = ev.add_parser("lm", help="language: synthetic long-context tasks on a causal LM")
+    p = ev.add_parser("lm", help="language: synthetic long-context tasks on a causal LM", formatter_class=DEFAULTS)
     lm.add_arguments(p)
     p.set_defaults(func=lm.run)
     for name, module, help_text in (
@@ -77,13 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
             p = ev.add_parser(name, help=f"{help_text} (unavailable: {err})")
             p.set_defaults(func=lambda a, e=err: sys.exit(f"error: {e}; install namm-transfer[all]"))
             continue
-        p = ev.add_parser(name, help=help_text)
+        p = ev.add_parser(name, help=help_text, formatter_class=DEFAULTS)
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
 
     from transfer import evolve
 
-    p = sub.add_parser("evolve", help="evolve a NAMM with CMA-ES on a causal LM (resumable)")
+    p = sub.add_parser("evolve", help="evolve a NAMM with CMA-ES on a causal LM (resumable)", formatter_class=DEFAULTS)
     evolve.add_arguments(p)
     p.set_defaults(func=evolve.run)
 
@@ -94,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from eval import reproduce
 
-    p = sub.add_parser("reproduce", help="every domain on the embedded defaults -> report (tables, plots)")
+    p = sub.add_parser("reproduce", help="every domain on the embedded defaults -> report (tables, plots)",
+                       formatter_class=DEFAULTS)
     reproduce.add_arguments(p)
     p.set_defaults(func=reproduce.run)
     return parser
