@@ -291,8 +291,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     out = Path(args.out)
     report = out / "report"
-    report.mkdir(parents=True, exist_ok=True)
     domains = [d.strip() for d in args.domains.split(",")]
+    if set(domains) - {"lm", "rl", "video"}:
+        raise ValueError(f"--domains: unknown {sorted(set(domains) - {'lm', 'rl', 'video'})}; use lm, rl, video")
     config = {}
     if args.config:
         path = Path(args.config)
@@ -302,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
         unknown = set(config) - {"lm", "rl", "video"} - {k for k in config if k.startswith("_")}
         if unknown:
             raise ValueError(f"--config {path}: unknown domain(s) {sorted(unknown)}; use lm, rl, video")
+    report.mkdir(parents=True, exist_ok=True)
     results = run_domains(args.preset, out, args.namm, domains, config)
     note = "Columns `paper ...` hold numbers copied from the paper ({}); n/a = not copied yet, never estimated."
     write_table(report / "cross_domain", *cross_domain_table(results),
