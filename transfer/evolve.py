@@ -7,7 +7,9 @@
 - Fitness of a member = mean over the stage's tasks of (its score / the full-cache score on the same
   prompts); prompts are drawn fresh every generation.
 - Stages chain: stage k starts from stage k-1's mean. A checkpoint is written after every generation
-  (CMA state + log + the current mean as a NAMM in our format); rerunning the command resumes.
+  (CMA state + log + the current mean as a NAMM in our format); rerunning the command resumes, and a
+  resumed run reproduces an uninterrupted one exactly. The CMA state holds cma's full covariance
+  (about 280 MB at 4172 parameters once it is materialised), so keep `--out` on a roomy disk.
 - Members are spread over processes/GPUs with accelerate (`accelerate launch -m transfer.cli evolve`):
   every process runs the same CMA-ES (same seeds, same gathered fitness), so their states stay
   identical and only the main process writes.
