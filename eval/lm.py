@@ -104,6 +104,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="budgets for budgeted baselines: 'match' (= the NAMM's kept fraction per batch) or "
                         "fractions/tokens, e.g. 0.25,0.5,0.75")
     p.add_argument("--namm", default=None, help="NAMM checkpoint (our dir or reference .pt; default: shipped)")
+    p.add_argument("--namm-precision", choices=["fp32", "fast"], default="fp32",
+                   help="fp32: the reference's precision; fast: the NAMM's BAM attention in fp16 on CUDA")
     p.add_argument("--update-interval", type=int, default=256, help="tokens between memory updates (multiple of 16)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -124,6 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         specs, examples,
         lambda factory, batch: answer_batch(adapter, tokenizer, factory, batch, args.update_interval),
         summarize, Path(args.out) / f"len{args.length}", config, namm=args.namm, batch_size=args.batch_size,
+        namm_precision=args.namm_precision,
     )
     from eval.tables import print_domain_table
 

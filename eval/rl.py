@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", "--policy", default="full,h2o,l2,namm", help="comma-separated policies")
     p.add_argument("--budget", default="match", help="'match' (NAMM's kept fraction) or fractions, e.g. 0.25,0.5")
     p.add_argument("--namm", default=None, help="NAMM checkpoint (default: the shipped NAMM)")
+    p.add_argument("--namm-precision", choices=["fp32", "fast"], default="fp32",
+                   help="fp32: the reference's precision; fast: the NAMM's BAM attention in fp16 on CUDA")
     p.add_argument("--episodes", type=int, default=5)
     p.add_argument("--target-return", type=float, default=None, help="default: the model config's (DT paper's)")
     p.add_argument("--update-interval", type=int, default=96, help="cache tokens between updates (32 env steps)")
@@ -106,7 +108,7 @@ def evaluate_env(env: str, args: argparse.Namespace) -> dict[str, dict[str, Any]
     out = Path(args.out) / env
     results = evaluate_policies(
         parse_policies(args.policies, args.budget), episodes, evaluate_batch, summarize(env), out, config,
-        namm=args.namm, batch_size=args.episodes,
+        namm=args.namm, batch_size=args.episodes, namm_precision=args.namm_precision,
     )
     if not args.no_window:
         window = sliding_window(adapter, env, episodes, target, config, out, args)

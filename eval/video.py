@@ -129,6 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", "--policy", default="full,h2o,l2,namm", help="comma-separated policies")
     p.add_argument("--budget", default="match", help="'match' (NAMM's kept fraction) or fractions, e.g. 0.25,0.5")
     p.add_argument("--namm", default=None, help="NAMM checkpoint (default: the shipped NAMM)")
+    p.add_argument("--namm-precision", choices=["fp32", "fast"], default="fp32",
+                   help="fp32: the reference's precision; fast: the NAMM's BAM attention in fp16 on CUDA")
     p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly per video")
     p.add_argument("--update-interval", type=int, default=128, help="cache tokens between memory updates")
     p.add_argument("--chunk-size", type=int, default=512, help="max tokens per forward")
@@ -199,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out = Path(args.out) / slug(args.benchmark, Path(model_path).name, f"{args.frames}f",
                                 f"ui{args.update_interval}")
     results = evaluate_policies(specs, items, evaluate_batch, summarize(args.benchmark, items), out, config,
-                                namm=args.namm, batch_size=1)
+                                namm=args.namm, batch_size=1, namm_precision=args.namm_precision)
     metric = "M-Avg" if args.benchmark == "mlvu" else "accuracy"
     title = f"Video QA: {args.benchmark} ({Path(model_path).name}, {args.frames} frames, {metric})"
     print_domain_table(title, results, time.time() - start)

@@ -168,3 +168,21 @@ def test_padding_respected_outside_a_memory(llama):
     with torch.no_grad():
         after = llama(ids, attention_mask=mask).logits
     assert torch.allclose(before[:, 10:], after[:, 10:], atol=1e-5)
+
+
+def test_causal_only_slice_equals_general_slice_on_cpu():
+    from transfer.memory import attention_slice
+
+    g = torch.Generator().manual_seed(0)
+    b, hq, h, nq, nk, d = 2, 8, 2, 32, 100, 16
+    q, k = torch.randn(b, hq, nq, d, generator=g), torch.randn(b, h, nk, d, generator=g)
+    slots = torch.arange(nk).expand(b, h, nk)
+    valid = torch.ones(b, h, nk, dtype=torch.bool)
+    q_slots = torch.arange(nk - nq, nk).expand(b, nq)
+    q_valid = torch.ones(b, nq, dtype=torch.bool)
+    general = attention_slice(q, k, slots, valid, q_slots, q_valid, d**-0.5)
+    fast = attention_slice(q, k, slots, valid, q_slots, q_valid, d**-0.5, causal_only=True)
+    torch.testing.assert_close(fast, general)
+    ref = torch.softmax((q @ k.repeat_interleave(4, 1).transpose(-1, -2)) * d**-0.5
+                        + torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq).logical_not() * -1e9, -1)
+    torch.testing.assert_close(general, ref.view(b, h, 4, nq, nk).mean(2), atol=1e-6, rtol=1e-5)

@@ -82,3 +82,9 @@ def test_parse_policies_orders_namm_first_and_expands_budgets():
     assert [s.label for s in specs] == ["namm", "full", "h2o@0.25", "h2o@match", "l2@0.25", "l2@match"]
     with pytest.raises(ValueError, match="budget"):
         parse_policies("h2o", "-1")
+
+
+def test_namm_precision_option():
+    with pytest.raises(ValueError, match="precision"):
+        make_policy("namm", precision="half")
+    assert make_policy("namm", precision="fast").precision == "fast"  # fp32 on the CPU, fp16 BAM on CUDA

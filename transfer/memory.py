@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 ATTN_IMPLEMENTATION = "namm_transfer"
 _ACTIVE: contextvars.ContextVar[KVMemory | None] = contextvars.ContextVar("namm_memory", default=None)
@@ -65,6 +66,7 @@ class _LayerState:
     query_slots: list[torch.Tensor] = field(default_factory=list)  # [(batch, n)]
     query_valid: list[torch.Tensor] = field(default_factory=list)  # [(batch, n)]
     n_new: int = 0
+    all_valid: bool = True  # no padding and nothing masked out: attention needs no explicit mask
     policy_state: Any = None
 
     def copy(self) -> _LayerState:
@@ -103,6 +105,7 @@ class KVMemory:
         self.history: list[tuple[int, torch.Tensor]] = []  # (layer, kept slots (batch, kv_heads, n_keep))
         self._chunk_slots: torch.Tensor | None = None
         self._chunk_valid: torch.Tensor | None = None
+        self._chunk_all_valid = True
         self._update_due = False
 
     # ---------------------------------------------------------------- feeding
@@ -128,6 +131,7 @@ class KVMemory:
             batch = 1 if self.n_seen is None else self.n_seen.shape[0]
             valid = torch.ones(batch, n_new, dtype=torch.bool, device=device)
         valid = valid.bool()
+        self._chunk_all_valid = bool(valid.all())  # one host sync per chunk, none per layer
         self._chunk_slots = (self.n_fed + torch.arange(n_new, device=valid.device)).expand(valid.shape[0], -1)
         self._chunk_valid = valid
         self.n_seen = valid.sum(1) if self.n_seen is None else self.n_seen + valid.sum(1)
@@ -171,13 +175,13 @@ class KVMemory:
         else:
             st.slots = torch.cat([st.slots, new_slots], dim=-1)
             st.valid = torch.cat([st.valid, new_valid], dim=-1)
+        st.all_valid = st.all_valid and self._chunk_all_valid
         if st.slots.shape[-1] != key.shape[2]:
             raise RuntimeError(
                 f"layer {layer}: cache holds {key.shape[2]} keys but the memory tracks {st.slots.shape[-1]}; "
                 "was the cache modified outside the memory?"
             )
-        mask = _slot_mask(st.slots, st.valid, q_slots, sliding_window)  # (batch, kv_heads, n, n_keys)
-        out = _grouped_sdpa(query, key, value, mask, scaling)
+        out = self._attention(st, query, key, value, scaling, sliding_window)
         st.queries.append(query)
         st.query_slots.append(q_slots)
         st.query_valid.append(q_valid)
@@ -186,7 +190,39 @@ class KVMemory:
             self._update_layer(layer, st, key, value, scaling, sliding_window)
         return out
 
+    def _causal_only(self, st: _LayerState, sliding_window: int | None) -> bool:
+        """Every cached key valid and inside the window: plain causal attention, no mask tensor needed."""
+        return st.all_valid and (sliding_window is None or self.n_fed <= sliding_window)
+
+    def _attention(
+        self,
+        st: _LayerState,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """The layer's attention output for this chunk: (batch, n, q_heads, d)."""
+        n = query.shape[2]
+        if self._causal_only(st, sliding_window) and (
+            n == 1 or (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16))
+        ):
+            return _causal_sdpa(query, key, value, scaling)
+        mask = _slot_mask(st.slots, st.valid, self._chunk_slots, sliding_window)  # (batch, kv_heads, n, n_keys)
+        return _grouped_sdpa(query, key, value, mask, scaling)
+
     # ---------------------------------------------------------------- update
+    def _policy_attention(
+        self, st: _LayerState, key: torch.Tensor, scaling: float, sliding_window: int | None
+    ) -> torch.Tensor:
+        """What the policy reads: the buffered queries' attention over the cache (batch, kv_heads, n_new, n_keys)."""
+        queries = torch.cat(st.queries, dim=2)  # (batch, q_heads, n_new, d)
+        q_slots = torch.cat(st.query_slots, dim=1)  # (batch, n_new)
+        q_valid = torch.cat(st.query_valid, dim=1)
+        return attention_slice(queries, key, st.slots, st.valid, q_slots, q_valid, scaling, sliding_window,
+                               self._causal_only(st, sliding_window))
+
     def _update_layer(
         self,
         layer: int,
@@ -198,10 +234,7 @@ class KVMemory:
     ) -> None:
         attn = None
         if getattr(self.policy, "needs_attention", False):
-            queries = torch.cat(st.queries, dim=2)  # (batch, q_heads, n_new, d)
-            q_slots = torch.cat(st.query_slots, dim=1)  # (batch, n_new)
-            q_valid = torch.cat(st.query_valid, dim=1)
-            attn = attention_slice(queries, key, st.slots, st.valid, q_slots, q_valid, scaling, sliding_window)
+            attn = self._policy_attention(st, key, scaling, sliding_window)
         view = LayerView(
             layer=layer, keys=key, slots=st.slots, valid=st.valid, n_new=st.n_new, n_seen=self.n_seen, attn=attn
         )
@@ -217,6 +250,7 @@ class KVMemory:
                 st.valid = st.valid.gather(2, keep)
             else:
                 st.valid = st.valid & torch.zeros_like(st.valid).scatter_(2, keep, True)
+                st.all_valid = False
         if self.record:
             kept = st.slots.masked_fill(~st.valid, -1) if self.evict == "mask" else st.slots
             self.history.append((layer, kept))
@@ -288,6 +322,21 @@ def _grouped_sdpa(
     return out.reshape(b, hq, n, -1).transpose(1, 2).contiguous()
 
 
+def _causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention when every cached key is valid and older than the chunk: causal aligned to the last key.
+
+    No mask tensor is built, so SDPA takes its flash kernel (lower-right causal; none for one query).
+    query (batch, q_heads, n, d), key/value (batch, kv_heads, n_keys, d) -> (batch, n, q_heads, d).
+    """
+    n, nk = query.shape[2], key.shape[2]
+    mask = causal_lower_right(n, nk) if n > 1 else None
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous()
+
+
+_SLICE_ELEMENTS = 1 << 27  # logits per head group in attention_slice: bounds its transient memory
+
+
 def attention_slice(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -297,22 +346,38 @@ def attention_slice(
     q_valid: torch.Tensor,
     scaling: float,
     sliding_window: int | None = None,
+    causal_only: bool = False,
 ) -> torch.Tensor:
     """Row-softmax attention of the buffered queries over the cached keys, averaged over each KV group.
 
-    Exactly the probabilities the model used (fp32 softmax, causal by slot, padding masked), as the
-    reference NAMM reads them from eager attention. Padding query rows are zero.
-    queries (batch, q_heads, n_q, d), keys (batch, kv_heads, n_keys, d) -> (batch, kv_heads, n_q, n_keys)
+    The probabilities the model used, computed as HF's eager attention (and so the reference NAMM) does:
+    logits in the model's dtype, softmax accumulated in fp32 and returned in the model's dtype, then the
+    GQA mean in fp32. Causal by slot, padding masked; padding query rows are zero. KV heads go in groups
+    so the transient logits stay bounded however long the cache. `causal_only` (every key valid, no
+    window, the last n_q keys being the queries' own tokens) masks only that last block.
+    queries (batch, q_heads, n_q, d), keys (batch, kv_heads, n_keys, d) -> (batch, kv_heads, n_q, n_keys) fp32
     """
     b, hq, nq, d = queries.shape
-    h = keys.shape[1]
+    h, nk = keys.shape[1], keys.shape[2]
     g = hq // h
-    q = queries.reshape(b, h, g, nq, d).float()
-    logits = torch.einsum("bhgqd,bhkd->bhgqk", q, keys.float()) * scaling  # (batch, kv_heads, g, n_q, n_keys)
-    allowed = _allowed(slots, valid, q_slots, sliding_window)  # (batch, kv_heads, n_q, n_keys)
-    logits = logits.masked_fill(~allowed[:, :, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0).mean(2)  # (batch, kv_heads, n_q, n_keys)
-    return probs * q_valid[:, None, :, None]
+    q = queries.reshape(b, h, g * nq, d)
+    out = torch.empty(b, h, nq, nk, dtype=torch.float32, device=queries.device)
+    step = max(1, _SLICE_ELEMENTS // (b * g * nq * nk))
+    future = torch.ones(nq, nq, dtype=torch.bool, device=queries.device).triu_(1) if causal_only else None
+    for h0 in range(0, h, step):
+        hs = slice(h0, h0 + step)
+        logits = torch.matmul(q[:, hs], keys[:, hs].transpose(-1, -2))  # (batch, heads, g * n_q, n_keys)
+        logits = logits.mul_(scaling).view(b, -1, g, nq, nk)
+        if causal_only:
+            logits[..., nk - nq :].masked_fill_(future, float("-inf"))
+        else:
+            allowed = _allowed(slots[:, hs], valid[:, hs], q_slots, sliding_window)  # (batch, heads, n_q, n_keys)
+            logits.masked_fill_(~allowed[:, :, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if not causal_only:
+            probs = probs.nan_to_num_(0.0)  # padding queries see no key
+        out[:, hs] = probs.mean(2, dtype=torch.float32)
+    return out.mul_(q_valid[:, None, :, None])
 
 
 def memory_attention(

@@ -242,13 +242,16 @@ def normalise(ema: Tensor, norm: NormStats | None) -> Tensor:
     return (ema - mean) / std
 
 
-def bam_scores(x: Tensor, params: NAMMParams, valid: Tensor | None = None) -> Tensor:
+def bam_scores(x: Tensor, params: NAMMParams, valid: Tensor | None = None,
+               attention_dtype: torch.dtype | None = None) -> Tensor:
     """BAM scorer: one-head backward self-attention (token i sees j >= i), gated residual, linear head.
 
     x (batch, heads, n_keys, F) in cache order -> scores (batch, heads, n_keys). The backward mask is a
     causal mask on the flipped token axis, so SDPA runs without an O(n_keys^2) mask. Padded keys are
     excluded by an extra q/k dimension that adds -1e9 to their logits (exactly zero weight, like the
     reference's finfo.min); padded queries get finite garbage that callers overwrite.
+    `attention_dtype` (e.g. float16) runs only the O(n_keys^2) attention in that precision, on flash
+    kernels; projections, gate and head stay in x's dtype. None keeps the reference's fp32 throughout.
     """
     p = params.to(x.device, x.dtype)
     d = p.w_o.shape[0]
@@ -262,9 +265,11 @@ def bam_scores(x: Tensor, params: NAMMParams, valid: Tensor | None = None) -> Te
         zeros = pad.new_zeros(*pad.shape[:-1], 7)
         q = torch.cat([q, torch.ones_like(pad), zeros], dim=-1)
         k = torch.cat([k, -_PAD_LOGIT * math.sqrt(d) * pad, zeros], dim=-1)
+    if attention_dtype is not None:
+        q, k, v = q.to(attention_dtype), k.to(attention_dtype), v.to(attention_dtype)
     out = F.scaled_dot_product_attention(
         q.flip(-2), k.flip(-2), v.flip(-2), is_causal=True, scale=1.0 / math.sqrt(d)
-    ).flip(-2)  # (batch, heads, n_keys, hidden)
+    ).flip(-2).to(x.dtype)  # (batch, heads, n_keys, hidden)
     o = out @ p.w_o + p.b_o  # (batch, heads, n_keys, 2F)
     h = x * (1.0 + o[..., n_feat:]) + o[..., :n_feat]
     return (h @ p.w_m).squeeze(-1) + p.b_m
@@ -367,6 +372,7 @@ def namm_update(
     cfg: NAMMConfig = NAMMConfig(),
     valid: Tensor | None = None,
     max_keep: int | None = None,
+    attention_dtype: torch.dtype | None = None,
 ) -> NAMMUpdate:
     """Score the cached tokens of one layer and pick the ones to keep (reference BAM NAMM, one update).
 
@@ -375,7 +381,7 @@ def namm_update(
     buffers: carried state of the n_keys - n_new old keys, None for a new sequence. positions: absolute
     token positions (batch, kv_heads, n_keys). valid: False for padding (scored -inf). max_keep: budget
     cap on the kept count (see `select_keep`); None reproduces the reference rule. Computes in float32
-    (float64 if attn is float64) on attn's device.
+    (float64 if attn is float64) on attn's device; `attention_dtype`: see `bam_scores`.
     """
     _check_inputs(attn, buffers, positions, valid, cfg)
     b, h, n_new, n_keys = attn.shape
@@ -390,7 +396,7 @@ def namm_update(
     ema = _spectral_ema(series, context, ema_prev, n_new, cfg)  # (batch, heads, n_keys, bins)
     rec = recency_features(positions.to(series.device), cfg, valid, dtype)  # (batch, heads, n_keys, 8)
     x = torch.cat([rec, normalise(ema, norm)], dim=-1)  # (batch, heads, n_keys, 25), recency first
-    scores = bam_scores(x, params, valid)
+    scores = bam_scores(x, params, valid, attention_dtype)
     if valid is not None:
         scores = scores.masked_fill(~valid.bool(), -math.inf)
     keep = select_keep(scores, valid, cfg.threshold, max_keep)

@@ -125,14 +125,15 @@ def process_device(requested: str) -> str:
     return requested
 
 
-def build_policy(spec: PolicySpec, namm: str | None, matched: float | None) -> Any:
+def build_policy(spec: PolicySpec, namm: str | None, matched: float | None, namm_precision: str = "fp32") -> Any:
     """The policy object for one batch; `matched` is the NAMM's kept fraction on that batch."""
     budget = spec.budget
     if budget == "match":
         if matched is None:
             raise ValueError(f"{spec.label}: no NAMM run to match; include 'namm' in the policies")
         budget = float(min(max(matched, 1e-3), 1.0))
-    return make_policy(spec.name, budget=budget, namm=namm)
+    kwargs = {"precision": namm_precision} if spec.name == "namm" else {}
+    return make_policy(spec.name, budget=budget, namm=namm, **kwargs)
 
 
 def evaluate_policies(
@@ -144,6 +145,7 @@ def evaluate_policies(
     config: dict[str, Any],
     namm: str | None = None,
     batch_size: int = 1,
+    namm_precision: str = "fp32",
 ) -> dict[str, dict[str, Any]]:
     """Run every policy over the examples; returns {policy label: metrics} and writes run dirs.
 
@@ -157,6 +159,8 @@ def evaluate_policies(
     # Weights fingerprints: a retrained model or NAMM is a different run, never a finished one.
     config = {**config, "model_sha": fingerprint(config.get("model")), "namm": namm,
               "namm_sha": fingerprint(namm or DEFAULT_NAMM)}
+    if namm_precision != "fp32":  # recorded only when set, so runs made before the option stay reusable
+        config["namm_precision"] = namm_precision
     for spec in specs:
         run = RunDir(Path(out_dir) / slug(spec.label), {**config, "policy": asdict(spec)})
         if run.finished():
@@ -168,7 +172,7 @@ def evaluate_policies(
                 values = [kept[ex.id] for ex in batch if ex.id in kept and math.isfinite(kept[ex.id])]
                 if spec.budget == "match" and values:  # failed examples (NaN) have no fraction to match
                     matched = sum(values) / len(values)
-                rows = evaluate_batch(lambda: build_policy(spec, namm, matched), batch)
+                rows = evaluate_batch(lambda: build_policy(spec, namm, matched, namm_precision), batch)
                 for row in rows:
                     row["policy"] = spec.label
                 return rows

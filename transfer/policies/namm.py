@@ -28,10 +28,15 @@ class NAMMPolicy:
     config: NAMMConfig = field(default_factory=NAMMConfig)
     budget: float | int | None = None
     collect_norm: bool = False
+    # "fp32": the reference's precision everywhere. "fast": the BAM's O(n^2) attention in fp16 flash
+    # kernels on CUDA (about 10x faster at 32k keys; fp32 on the CPU, where it buys nothing).
+    precision: str = "fp32"
     name: str = "namm"
     needs_attention: bool = True
 
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "fast"):
+            raise ValueError(f"precision must be 'fp32' or 'fast', got {self.precision!r}")
         self.params = NAMMParams.from_flat(self.theta, self.config)
         self._device_params: dict[torch.device, NAMMParams] = {}
         if self.collect_norm:
@@ -62,6 +67,7 @@ class NAMMPolicy:
             self.config,
             valid=view.valid,
             max_keep=None if collecting or self.budget is None else view.budget_tokens(self.budget),
+            attention_dtype=torch.float16 if self.precision == "fast" and view.attn.is_cuda else None,
         )
         if collecting:
             self.norm = self.norm.merge(out.ema, view.valid)

@@ -1,0 +1,154 @@
+"""Where one layer's NAMM update spends its time: each stage timed alone, side by side, in one run.
+
+    PYTHONPATH=. python bench/namm_stages.py --preset cpu-small
+    PYTHONPATH=. python bench/namm_stages.py --preset gpu-7b      # one Llama-3-8B layer: 32 q / 8 KV heads, d 128
+
+For one layer with n_keys cached keys and 512 buffered queries it times (median of --repeats, after a
+warm-up; CUDA-synchronised): the model's own attention for the chunk (SDPA), the eager attention that the
+reference path runs instead (bf16 QK^T, fp32 softmax, probabilities kept), our attention slice, and
+each stage of `namm_update` (STFT + EMA, recency, BAM scorer in fp32 and with half-precision attention,
+selection, buffer gather). Ratios are against the SDPA forward of the same layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from transfer.memory import _grouped_sdpa, _slot_mask, attention_slice
+from transfer.namm import (
+    NAMMBuffers,
+    NAMMConfig,
+    NAMMParams,
+    NormStats,
+    _spectral_ema,
+    bam_scores,
+    namm_update,
+    normalise,
+    recency_features,
+    select_keep,
+)
+
+PRESETS = {
+    "cpu-small": dict(heads=8, kv_heads=4, head_dim=64, lengths=[2048, 4096], device="cpu", dtype="float32"),
+    "gpu-7b": dict(heads=32, kv_heads=8, head_dim=128, lengths=[8192, 32768, 65536], device="cuda",
+                   dtype="bfloat16"),
+}
+N_NEW = 512
+
+
+def timed(fn: Callable[[], object], device: str, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def eager_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The reference path: HF eager attention's probabilities (bf16 logits, fp32 softmax, cast back), GQA mean."""
+    b, hq, n, d = query.shape
+    h = key.shape[1]
+    logits = torch.matmul(query, key.repeat_interleave(hq // h, 1).transpose(2, 3)) * scaling  # (b, hq, n, nk)
+    logits = logits + torch.where(mask.repeat_interleave(hq // h, 1), 0.0, float("-inf")).to(logits.dtype)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    return probs.view(b, h, hq // h, n, -1).mean(2)
+
+
+def bench_length(preset: dict, n_keys: int, repeats: int) -> dict:
+    device, dtype = preset["device"], getattr(torch, preset["dtype"])
+    hq, h, d = preset["heads"], preset["kv_heads"], preset["head_dim"]
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, hq, N_NEW, d, device=device, dtype=dtype, generator=g)
+    k = torch.randn(1, h, n_keys, d, device=device, dtype=dtype, generator=g)
+    v = torch.randn(1, h, n_keys, d, device=device, dtype=dtype, generator=g)
+    slots = torch.arange(n_keys, device=device).expand(1, h, n_keys)
+    valid = torch.ones(1, h, n_keys, dtype=torch.bool, device=device)
+    q_slots = torch.arange(n_keys - N_NEW, n_keys, device=device)[None]
+    q_valid = torch.ones(1, N_NEW, dtype=torch.bool, device=device)
+    scaling = d**-0.5
+    cfg = NAMMConfig()
+    theta = torch.randn(4172, generator=torch.Generator().manual_seed(0)) * 0.1
+    params = NAMMParams.from_flat(theta.to(device), cfg)
+    norm = NormStats(mean=torch.zeros(17), var=torch.ones(17), count=1)
+    buffers = NAMMBuffers(context=torch.zeros(1, h, n_keys - N_NEW, 16, device=device),
+                          ema=torch.zeros(1, h, n_keys - N_NEW, 17, device=device))
+
+    mask = _slot_mask(slots, valid, q_slots)
+    attn = attention_slice(q, k, slots, valid, q_slots, q_valid, scaling)  # (1, h, 512, n_keys) fp32
+    series = attn.transpose(-1, -2)
+    context = torch.cat([buffers.context, series.new_zeros(1, h, N_NEW, 16)], dim=-2)
+    ema = _spectral_ema(series, context, buffers.ema, N_NEW, cfg)
+    x = torch.cat([recency_features(slots, cfg, valid), normalise(ema, norm)], dim=-1)
+    scores = bam_scores(x, params, valid)
+
+    def bam_half() -> torch.Tensor:
+        half = torch.float16 if device == "cuda" else torch.bfloat16
+        qkv = x @ params.w_qkv + params.b_qkv
+        qh, kh, vh = (t.to(half).flip(-2) for t in qkv.split(32, dim=-1))
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).flip(-2)
+
+    stages = {
+        "sdpa_forward": lambda: _grouped_sdpa(q, k, v, _slot_mask(slots, valid, q_slots), scaling),
+        "slot_mask": lambda: _slot_mask(slots, valid, q_slots),
+        "eager_probs": lambda: eager_probs(q, k, mask, scaling),
+        "attention_slice": lambda: attention_slice(q, k, slots, valid, q_slots, q_valid, scaling),
+        "stft_ema": lambda: _spectral_ema(series, context, buffers.ema, N_NEW, cfg),
+        "recency": lambda: recency_features(slots, cfg, valid),
+        "bam_fp32": lambda: bam_scores(x, params, valid),
+        "bam_attention_half": bam_half,
+        "select_keep": lambda: select_keep(scores, valid),
+        "namm_update": lambda: namm_update(attn, buffers, slots, params, norm, cfg, valid=valid),
+    }
+    row: dict = {"n_keys": n_keys}
+    for name, fn in stages.items():
+        try:
+            row[name] = timed(fn, device, repeats)
+        except torch.OutOfMemoryError:
+            row[name] = float("nan")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+    preset = PRESETS[args.preset]
+    if preset["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu-7b needs a CUDA device")
+    env = {"preset": args.preset, "torch": torch.__version__,
+           "device": torch.cuda.get_device_name() if preset["device"] == "cuda" else "cpu"}
+    print(json.dumps(env), flush=True)
+    rows = []
+    for n in args.lengths or preset["lengths"]:
+        row = bench_length(preset, n, args.repeats)
+        rows.append(row)
+        base = row["sdpa_forward"]
+        print(f"n_keys {n}: one layer, times in ms (x SDPA forward of the chunk)", flush=True)
+        for name, t in row.items():
+            if name != "n_keys":
+                print(f"  {name:>20} {1e3 * t:9.3f} ms  {t / base:7.2f}x", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""CUDA paths: the mask-free flash attention and the grouped attention slice agree with the masked paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import Replay, random_namm_theta, tiny_llama
+
+from adapters.llama import CausalLMAdapter
+from transfer.memory import attention_slice
+from transfer.namm import NormStats
+from transfer.policies import make_policy
+from transfer.policies.namm import NAMMPolicy
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _model() -> torch.nn.Module:
+    return tiny_llama(layers=3).to("cuda", torch.bfloat16)
+
+
+def _ids(n: int = 400) -> torch.Tensor:
+    return torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(5)).cuda()
+
+
+def test_full_cache_on_cuda_matches_hf_sdpa():
+    model = _model()
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(ids).logits[:, -1].float()
+    adapter = CausalLMAdapter(model)
+    memory = adapter.new_memory(make_policy("full"), update_interval=64)
+    logits = adapter.prefill(memory, ids, chunk_size=64).float()
+    torch.testing.assert_close(logits, ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("name", ["namm", "h2o"])
+def test_gathered_flash_path_equals_masked_path(name):
+    """batch 1, no padding: the gather run takes the mask-free kernels, the mask replay the slot masks."""
+    norm = NormStats(mean=torch.full((17,), 0.01), var=torch.full((17,), 1e-4), count=100)
+    policy = NAMMPolicy(random_namm_theta(), norm) if name == "namm" else make_policy("h2o", budget=0.5)
+    adapter = CausalLMAdapter(_model())
+    ids = _ids()
+    gather = adapter.new_memory(policy, update_interval=64, record=True)
+    logits_gather = adapter.prefill(gather, ids, chunk_size=64).float()
+    assert min(gather.cache_tokens()) < ids.shape[1], "the policy should have evicted something"
+    masked = adapter.new_memory(Replay(gather.history), update_interval=64, evict="mask")
+    logits_masked = adapter.prefill(masked, ids, chunk_size=64).float()
+    torch.testing.assert_close(logits_gather, logits_masked, atol=3e-2, rtol=3e-2)
+
+
+def test_causal_only_slice_equals_general_slice():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, hq, h, nq, nk, d = 1, 8, 2, 64, 300, 32
+    q = torch.randn(b, hq, nq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(b, h, nk, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    slots = torch.arange(nk, device="cuda").expand(b, h, nk)
+    valid = torch.ones(b, h, nk, dtype=torch.bool, device="cuda")
+    q_slots = torch.arange(nk - nq, nk, device="cuda")[None]
+    q_valid = torch.ones(b, nq, dtype=torch.bool, device="cuda")
+    general = attention_slice(q, k, slots, valid, q_slots, q_valid, d**-0.5)
+    fast = attention_slice(q, k, slots, valid, q_slots, q_valid, d**-0.5, causal_only=True)
+    torch.testing.assert_close(fast, general)
+    torch.testing.assert_close(general.sum(-1), torch.ones(b, h, nq, device="cuda"), atol=1e-2, rtol=0)
+
+
+def test_fast_precision_agrees_with_fp32_on_cuda():
+    """The fp16 BAM attention changes few keep decisions and the scores by little."""
+    from transfer.namm import NAMMParams, namm_update
+
+    g = torch.Generator().manual_seed(3)
+    n = 2048
+    logits = torch.randn(1, 4, n, n, generator=g) * 3
+    logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    attn = torch.softmax(logits, -1).cuda()
+    pos = torch.arange(n).expand(1, 4, n).cuda()
+    params = NAMMParams.from_flat(random_namm_theta().cuda())
+    norm = NormStats(mean=torch.full((17,), 0.01), var=torch.full((17,), 1e-4), count=100)
+    ref = namm_update(attn, None, pos, params, norm)
+    fast = namm_update(attn, None, pos, params, norm, attention_dtype=torch.float16)
+    kept_ref = torch.zeros(ref.scores.shape, dtype=torch.bool, device="cuda").scatter_(-1, ref.keep, True)
+    kept_fast = torch.zeros(ref.scores.shape, dtype=torch.bool, device="cuda").scatter_(-1, fast.keep, True)
+    assert 0 < ref.keep.shape[-1] < n
+    assert (kept_ref == kept_fast).float().mean() > 0.99
+    torch.testing.assert_close(fast.scores, ref.scores, atol=5e-2, rtol=1e-2)
