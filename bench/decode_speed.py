@@ -54,6 +54,8 @@ def main() -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     p.add_argument("--kept", type=float, default=0.25, help="kept fraction for the compressed run")
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (KV reads grow with it)")
+    p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     preset = PRESETS[args.preset]
@@ -61,18 +63,21 @@ def main() -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu-7b needs a CUDA device")
     torch.manual_seed(0)
+    torch.set_default_dtype(getattr(torch, preset["dtype"]))  # initialise 8B weights directly in bf16
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**preset["config"], max_position_embeddings=131072))
-    adapter = CausalLMAdapter(model.to(getattr(torch, preset["dtype"])).eval())
+    torch.set_default_dtype(torch.float32)
+    adapter = CausalLMAdapter(model.eval())
     rows = []
+    print(f"batch {args.batch}; tokens/s = decode steps/s of the whole batch", flush=True)
     print(f"{'length':>7} {'full tok/s':>11} {'kept tok/s':>11} {'speed-up':>9} {'cache full/kept':>16}", flush=True)
-    for length in preset["lengths"]:
-        ids = torch.randint(0, model.config.vocab_size, (1, length), device=device)
+    for length in args.lengths or preset["lengths"]:
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, length), device=device)
         full, n_full = decode_rate(adapter, FullCache(), ids, args.steps, 512)
         # Recency at the same budget stands in for any policy: decode cost depends only on the cache size.
         kept, n_kept = decode_rate(adapter, Recency(budget=args.kept), ids, args.steps, 512)
-        rows.append({"length": length, "full_tok_s": full, "kept_tok_s": kept, "speedup": kept / full,
-                     "cache_full": n_full, "cache_kept": n_kept})
+        rows.append({"length": length, "batch": args.batch, "full_tok_s": full, "kept_tok_s": kept,
+                     "speedup": kept / full, "cache_full": n_full, "cache_kept": n_kept})
         print(f"{length:>7} {full:>11.1f} {kept:>11.1f} {kept / full:>9.2f} {n_full:>8}/{n_kept:<7}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -14,10 +14,11 @@ and then greedily decodes --steps tokens:
     namm-fast   the same with the BAM's attention in fp16 (`precision="fast"`; CUDA only)
     eager-namm  the reference path: every layer runs eager attention (bf16 logits, fp32 softmax cast back)
                 and the NAMM reads those probabilities, buffered per chunk, instead of our attention slice
-    replay      our memory evicting exactly what `namm` evicted, with no policy computation
+    recency     our memory keeping the newest tokens at the same budget: no policy computation
 
-Budget mode makes every NAMM run keep the same number of tokens, so their caches (and forwards) have the
-same size as replay's: NAMM overhead = prefill(run) - prefill(replay). `update` is the GPU time inside the
+Budget mode makes every NAMM run keep exactly as many tokens as recency does, update by update, so their
+caches (and forwards) have the same sizes: NAMM overhead = prefill(run) - prefill(recency). Every run
+is preceded by an untimed warm-up of the same kind on a short context. `update` is the GPU time inside the
 layer updates (CUDA events; slice + NAMM + gather). Memory: peak and final allocated bytes against
 weights + kept x the full cache's KV bytes.
 """
@@ -25,6 +26,7 @@ weights + kept x the full cache's KV bytes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from collections.abc import Callable
@@ -37,21 +39,23 @@ from adapters.llama import CausalLMAdapter
 from transfer.memory import KVMemory, _LayerState, _slot_mask
 from transfer.policies.full import FullCache
 from transfer.policies.namm import NAMMPolicy
+from transfer.policies.recency import Recency
 
 PRESETS = {
     "cpu-small": dict(
         config=dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                     num_attention_heads=8, num_key_value_heads=4),
-        lengths=[2048], runs="native,full,namm,eager-namm,replay", dtype="float32", device="cpu",
+        lengths=[2048], runs="native,full,namm,eager-namm,recency", dtype="float32", device="cpu",
     ),
     "gpu-7b": dict(  # Meta-Llama-3-8B shapes
         config=dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                     num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
-        lengths=[8192, 32768, 65536], runs="native,full,namm,namm-fast,eager-namm,replay",
+        lengths=[8192, 32768, 65536], runs="native,full,namm,namm-fast,eager-namm,recency",
         dtype="bfloat16", device="cuda",
     ),
 }
 CHUNK = 512
+WARM_STEPS = 4  # decode steps before the timed ones
 
 
 class EagerPathMemory(KVMemory):
@@ -76,20 +80,6 @@ class EagerPathMemory(KVMemory):
         parts = [torch.nn.functional.pad(p, (0, nk - p.shape[-1])) for p in st.policy_probs]
         st.policy_probs = []
         return torch.cat(parts, dim=2).float()  # (batch, kv_heads, n_new, n_keys)
-
-
-class ReplayGather:
-    """Evicts, update by update, exactly the slots a recorded run kept: eviction without policy cost."""
-
-    needs_attention = False
-    name = "replay"
-
-    def __init__(self, history: list[tuple[int, torch.Tensor]]) -> None:
-        self.history = list(history)
-
-    def update(self, view, state):
-        layer, kept_slots = self.history.pop(0)
-        return torch.searchsorted(view.slots.contiguous(), kept_slots.contiguous()), None
 
 
 def sync(device: str) -> None:
@@ -123,8 +113,8 @@ def kv_bytes(cfg: LlamaConfig, tokens: int, dtype: torch.dtype) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * tokens * dtype.itemsize
 
 
-def run_ours(adapter: CausalLMAdapter, ids, policy, steps: int, device: str, memory_cls=KVMemory) -> tuple:
-    memory = adapter.new_memory(policy, update_interval=CHUNK, record=True)
+def run_ours(adapter: CausalLMAdapter, ids, policy, steps: int, device: str, memory_cls=KVMemory) -> dict:
+    memory = adapter.new_memory(policy, update_interval=CHUNK)
     if memory_cls is not KVMemory:
         memory.__class__ = memory_cls
     update_time = timed_updates(memory, device)
@@ -134,15 +124,16 @@ def run_ours(adapter: CausalLMAdapter, ids, policy, steps: int, device: str, mem
     sync(device)
     prefill = time.perf_counter() - t0
     token = logits.argmax(-1, keepdim=True)
+    for _ in range(WARM_STEPS):
+        token = adapter.prefill(memory, token).argmax(-1, keepdim=True)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         token = adapter.prefill(memory, token).argmax(-1, keepdim=True)
     sync(device)
     decode = steps / (time.perf_counter() - t0)
-    row = {"prefill_s": prefill, "update_s": update_time(), "decode_tok_s": decode,
-           "cache_tokens": max(memory.cache_tokens()), "kept_fraction": float(memory.kept_fraction()[0])}
-    return row, memory.history
+    return {"prefill_s": prefill, "update_s": update_time(), "decode_tok_s": decode,
+            "cache_tokens": max(memory.cache_tokens()), "kept_fraction": float(memory.kept_fraction()[0])}
 
 
 def run_native(model, ids, steps: int, device: str) -> dict:
@@ -156,12 +147,34 @@ def run_native(model, ids, steps: int, device: str) -> dict:
         sync(device)
         prefill = time.perf_counter() - t0
         token = out.logits[:, -1:].argmax(-1)
+        for _ in range(WARM_STEPS):
+            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(steps):
             token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         sync(device)
     return {"prefill_s": prefill, "update_s": 0.0, "decode_tok_s": steps / (time.perf_counter() - t0),
-            "cache_tokens": ids.shape[1] + steps, "kept_fraction": 1.0}
+            "cache_tokens": ids.shape[1] + steps + WARM_STEPS, "kept_fraction": 1.0}
+
+
+def one_run(model, adapter: CausalLMAdapter, name: str, ids: torch.Tensor, args, device: str) -> dict | None:
+    if name == "native":
+        model.set_attn_implementation("sdpa")
+        try:
+            return run_native(model, ids, args.steps, device)
+        finally:
+            install_memory_attention(model)
+    if name == "full":
+        return run_ours(adapter, ids, FullCache(), args.steps, device)
+    if name == "recency":
+        return run_ours(adapter, ids, Recency(budget=args.kept), args.steps, device)
+    if name in ("namm", "namm-fast", "eager-namm"):
+        if name == "namm-fast" and device != "cuda":
+            return None
+        policy = NAMMPolicy.from_checkpoint(budget=args.kept, precision="fast" if name == "namm-fast" else "fp32")
+        return run_ours(adapter, ids, policy, args.steps, device, EagerPathMemory if name == "eager-namm" else KVMemory)
+    raise SystemExit(f"unknown run {name!r}")
 
 
 def main() -> None:
@@ -192,36 +205,19 @@ def main() -> None:
     results = []
     for length in args.lengths or preset["lengths"]:
         ids = torch.randint(0, cfg.vocab_size, (1, length), device=device)
-        history = None
         full_kv = kv_bytes(cfg, length, dtype)
         for name in runs:
+            one_run(model, adapter, name, ids[:, : 4 * CHUNK], args, device)  # warm-up, untimed
+            gc.collect()
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            if name == "native":
-                model.set_attn_implementation("sdpa")
-                row = run_native(model, ids, args.steps, device)
-                install_memory_attention(model)
-            elif name == "full":
-                row, _ = run_ours(adapter, ids, FullCache(), args.steps, device)
-            elif name in ("namm", "namm-fast", "eager-namm"):
-                if name == "namm-fast" and device != "cuda":
-                    continue
-                policy = NAMMPolicy.from_checkpoint(budget=args.kept,
-                                                    precision="fast" if name == "namm-fast" else "fp32")
-                row, hist = run_ours(adapter, ids, policy, args.steps, device,
-                                     EagerPathMemory if name == "eager-namm" else KVMemory)
-                history = hist if name == "namm" else history
-            elif name == "replay":
-                if history is None:
-                    raise SystemExit("replay needs the namm run before it")
-                row, _ = run_ours(adapter, ids, ReplayGather(history), args.steps, device)
-            else:
-                raise SystemExit(f"unknown run {name!r}")
+            row = one_run(model, adapter, name, ids, args, device)
+            if row is None:
+                continue
             if device == "cuda":
                 row["peak_bytes"] = torch.cuda.max_memory_allocated()
-                row["expected_bytes"] = weights + row["kept_fraction"] * full_kv if name != "native" else \
-                    weights + full_kv
+                row["expected_bytes"] = weights + row["kept_fraction"] * full_kv
             results.append({"length": length, "run": name, **row})
             print(json.dumps(results[-1]), flush=True)
         print_table([r for r in results if r["length"] == length], length)
@@ -232,7 +228,7 @@ def main() -> None:
 
 def print_table(rows: list[dict], length: int) -> None:
     by = {r["run"]: r for r in rows}
-    replay = by.get("replay")
+    replay = by.get("recency")
     print(f"\nL = {length}: prefill and decode, ratios measured in this run")
     print(f"{'run':>11} {'prefill s':>10} {'update s':>9} {'overhead':>9} {'decode tok/s':>13} {'cache':>7} "
           f"{'peak GB':>8} {'peak/expected':>14}")

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from transfer.memory import _grouped_sdpa, _slot_mask, attention_slice
+from transfer.memory import _causal_sdpa, _grouped_sdpa, _slot_mask, attention_slice
 from transfer.namm import (
     NAMMBuffers,
     NAMMConfig,
@@ -102,9 +102,14 @@ def bench_length(preset: dict, n_keys: int, repeats: int) -> dict:
 
     stages = {
         "sdpa_forward": lambda: _grouped_sdpa(q, k, v, _slot_mask(slots, valid, q_slots), scaling),
+        "causal_sdpa_forward": lambda: _causal_sdpa(q, k, v, scaling),
         "slot_mask": lambda: _slot_mask(slots, valid, q_slots),
         "eager_probs": lambda: eager_probs(q, k, mask, scaling),
         "attention_slice": lambda: attention_slice(q, k, slots, valid, q_slots, q_valid, scaling),
+        "attention_slice_causal": lambda: attention_slice(q, k, slots, valid, q_slots, q_valid, scaling,
+                                                          causal_only=True),
+        "namm_update_fast": lambda: namm_update(attn, buffers, slots, params, norm, cfg, valid=valid,
+                                                attention_dtype=torch.float16 if device == "cuda" else None),
         "stft_ema": lambda: _spectral_ema(series, context, buffers.ema, N_NEW, cfg),
         "recency": lambda: recency_features(slots, cfg, valid),
         "bam_fp32": lambda: bam_scores(x, params, valid),
@@ -114,12 +119,16 @@ def bench_length(preset: dict, n_keys: int, repeats: int) -> dict:
     }
     row: dict = {"n_keys": n_keys}
     for name, fn in stages.items():
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
         try:
             row[name] = timed(fn, device, repeats)
         except torch.OutOfMemoryError:
             row[name] = float("nan")
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        if device == "cuda":  # transient memory of the stage beyond what was allocated before it
+            row[name + "_mem"] = torch.cuda.max_memory_allocated() - base
     return row
 
 
@@ -143,8 +152,10 @@ def main() -> None:
         base = row["sdpa_forward"]
         print(f"n_keys {n}: one layer, times in ms (x SDPA forward of the chunk)", flush=True)
         for name, t in row.items():
-            if name != "n_keys":
-                print(f"  {name:>20} {1e3 * t:9.3f} ms  {t / base:7.2f}x", flush=True)
+            if name != "n_keys" and not name.endswith("_mem"):
+                mem = row.get(name + "_mem")
+                print(f"  {name:>22} {1e3 * t:9.3f} ms  {t / base:7.2f}x"
+                      + ("" if mem is None else f"  {mem / 2**20:9.1f} MiB transient"), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=2)

@@ -350,24 +350,24 @@ def attention_slice(
 ) -> torch.Tensor:
     """Row-softmax attention of the buffered queries over the cached keys, averaged over each KV group.
 
-    The probabilities the model used, computed as HF's eager attention (and so the reference NAMM) does:
-    logits in the model's dtype, softmax accumulated in fp32 and returned in the model's dtype, then the
-    GQA mean in fp32. Causal by slot, padding masked; padding query rows are zero. KV heads go in groups
-    so the transient logits stay bounded however long the cache. `causal_only` (every key valid, no
-    window, the last n_q keys being the queries' own tokens) masks only that last block.
+    The probabilities the model used, computed in the precision of HF's eager attention (which feeds the
+    reference NAMM): logits in the model's dtype (queries pre-scaled), softmax accumulated in fp32 and
+    returned in the model's dtype, then the GQA mean in fp32. Causal by slot, padding masked; padding
+    query rows are zero. KV heads go in groups so the transient logits stay bounded however long the
+    cache. `causal_only` (every key valid, no window, the last n_q keys being the queries' own tokens)
+    masks only that last block.
     queries (batch, q_heads, n_q, d), keys (batch, kv_heads, n_keys, d) -> (batch, kv_heads, n_q, n_keys) fp32
     """
     b, hq, nq, d = queries.shape
     h, nk = keys.shape[1], keys.shape[2]
     g = hq // h
-    q = queries.reshape(b, h, g * nq, d)
+    q = (queries * scaling).reshape(b, h, g * nq, d)  # scaled before the product: one pass less over the logits
     out = torch.empty(b, h, nq, nk, dtype=torch.float32, device=queries.device)
     step = max(1, _SLICE_ELEMENTS // (b * g * nq * nk))
     future = torch.ones(nq, nq, dtype=torch.bool, device=queries.device).triu_(1) if causal_only else None
     for h0 in range(0, h, step):
         hs = slice(h0, h0 + step)
-        logits = torch.matmul(q[:, hs], keys[:, hs].transpose(-1, -2))  # (batch, heads, g * n_q, n_keys)
-        logits = logits.mul_(scaling).view(b, -1, g, nq, nk)
+        logits = torch.matmul(q[:, hs], keys[:, hs].transpose(-1, -2)).view(b, -1, g, nq, nk)  # model dtype
         if causal_only:
             logits[..., nk - nq :].masked_fill_(future, float("-inf"))
         else:
@@ -376,8 +376,9 @@ def attention_slice(
         probs = torch.softmax(logits, dim=-1)
         if not causal_only:
             probs = probs.nan_to_num_(0.0)  # padding queries see no key
-        out[:, hs] = probs.mean(2, dtype=torch.float32)
-    return out.mul_(q_valid[:, None, :, None])
+        torch.sum(probs, dim=2, dtype=torch.float32, out=out[:, hs])
+    out.mul_(q_valid[:, None, :, None] / g)
+    return out
 
 
 def memory_attention(
