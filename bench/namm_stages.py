@@ -4,10 +4,12 @@
     PYTHONPATH=. python bench/namm_stages.py --preset gpu-7b      # one Llama-3-8B layer: 32 q / 8 KV heads, d 128
 
 For one layer with n_keys cached keys and 512 buffered queries it times (median of --repeats, after a
-warm-up; CUDA-synchronised): the model's own attention for the chunk (SDPA), the eager attention that the
-reference path runs instead (bf16 QK^T, fp32 softmax, probabilities kept), our attention slice, and
-each stage of `namm_update` (STFT + EMA, recency, BAM scorer in fp32 and with half-precision attention,
-selection, buffer gather). Ratios are against the SDPA forward of the same layer.
+warm-up; CUDA-synchronised) and measures the transient memory of: the model's own attention for the
+chunk (masked SDPA and the mask-free causal kernel), the eager attention that the reference path runs
+instead (bf16 QK^T, fp32 softmax, probabilities kept), our attention slice, and each stage of
+`namm_update`: STFT + EMA as run and in the CPU's unfold form, recency, the BAM scorer in fp32 and with
+half-precision attention, selection; then the whole update in both precisions. Ratios are against the
+masked SDPA forward of the same layer.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from transfer.namm import (
     NAMMConfig,
     NAMMParams,
     NormStats,
-    _spectral_ema,
     bam_scores,
+    ema_update,
     namm_update,
     normalise,
     recency_features,
     select_keep,
+    spectral_ema,
+    stft_magnitudes,
 )
 
 PRESETS = {
@@ -90,7 +94,7 @@ def bench_length(preset: dict, n_keys: int, repeats: int) -> dict:
     attn = attention_slice(q, k, slots, valid, q_slots, q_valid, scaling)  # (1, h, 512, n_keys) fp32
     series = attn.transpose(-1, -2)
     context = torch.cat([buffers.context, series.new_zeros(1, h, N_NEW, 16)], dim=-2)
-    ema = _spectral_ema(series, context, buffers.ema, N_NEW, cfg)
+    ema = spectral_ema(attn, context, buffers.ema, cfg)
     x = torch.cat([recency_features(slots, cfg, valid), normalise(ema, norm)], dim=-1)
     scores = bam_scores(x, params, valid)
 
@@ -110,7 +114,8 @@ def bench_length(preset: dict, n_keys: int, repeats: int) -> dict:
                                                           causal_only=True),
         "namm_update_fast": lambda: namm_update(attn, buffers, slots, params, norm, cfg, valid=valid,
                                                 attention_dtype=torch.float16 if device == "cuda" else None),
-        "stft_ema": lambda: _spectral_ema(series, context, buffers.ema, N_NEW, cfg),
+        "stft_ema": lambda: spectral_ema(attn, context, buffers.ema, cfg),
+        "stft_ema_unfold": lambda: ema_update(stft_magnitudes(series, context, cfg), buffers.ema, N_NEW, cfg),
         "recency": lambda: recency_features(slots, cfg, valid),
         "bam_fp32": lambda: bam_scores(x, params, valid),
         "bam_attention_half": bam_half,

@@ -84,3 +84,15 @@ def test_fast_precision_agrees_with_fp32_on_cuda():
     assert (kept_ref == kept_fast).float().mean() > 0.99
     diff = (fast.scores - ref.scores).abs()
     assert (diff > 5e-2).float().mean() < 1e-3 and float(diff.max()) < 0.5  # measured on H200: 3 / 8192, 0.14
+
+
+def test_conv_spectral_ema_on_cuda_equals_cpu_path():
+    from transfer.namm import spectral_ema
+
+    g = torch.Generator().manual_seed(4)
+    attn = torch.softmax(torch.randn(1, 8, 512, 3000, generator=g), -1)
+    context = torch.rand(1, 8, 3000, 16, generator=g)
+    prev = torch.rand(1, 8, 3000 - 512, 17, generator=g)
+    cpu = spectral_ema(attn, context, prev)
+    gpu = spectral_ema(attn.cuda(), context.cuda(), prev.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)

@@ -473,3 +473,22 @@ def test_cuda_matches_cpu():
     assert gpu.keep.device.type == "cuda" and gpu.scores.dtype == torch.float32
     torch.testing.assert_close(gpu.scores.cpu(), cpu_bf.scores, atol=1e-3, rtol=1e-4)
     assert cpu.keep.shape[-1] > 0
+
+
+@pytest.mark.parametrize("key_chunk", [5, 8192])
+def test_spectral_ema_equals_stft_then_ema(monkeypatch, key_chunk):
+    """spectral_ema (chunked) and its conv2d form equal |STFT| of each key's series followed by the EMA."""
+    from transfer import namm
+
+    monkeypatch.setattr(namm, "_KEY_CHUNK", key_chunk)
+    gen = torch.Generator().manual_seed(11)
+    b, h, n_new, n_old = 2, 3, 48, 13
+    attn = torch.rand(b, h, n_new, n_old + n_new, generator=gen, dtype=torch.float64)  # not causal: mask matters
+    context = torch.rand(b, h, n_old + n_new, 16, generator=gen, dtype=torch.float64)
+    prev = torch.rand(b, h, n_old, 17, generator=gen, dtype=torch.float64)
+    want = ema_update(stft_magnitudes(attn.transpose(-1, -2), context), prev, n_new)
+    torch.testing.assert_close(namm.spectral_ema(attn, context, prev), want, rtol=1e-12, atol=1e-12)
+    # the CUDA path (one conv2d over hop blocks), run here on the CPU
+    conv = namm._conv_spectral_ema(attn, context, n_old, NAMMConfig())
+    torch.testing.assert_close(conv, ema_update(stft_magnitudes(attn.transpose(-1, -2), context), None, n_new),
+                               rtol=1e-12, atol=1e-12)

@@ -27,9 +27,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 ATTN_IMPLEMENTATION = "namm_transfer"
+# Not cuDNN: it builds a plan per sequence length, and a cache's length changes at every chunk and update.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _ACTIVE: contextvars.ContextVar[KVMemory | None] = contextvars.ContextVar("namm_memory", default=None)
 
 
@@ -50,11 +53,14 @@ class LayerView:
     n_new: int  # keys added since the last update (the last n_new of the cache)
     n_seen: torch.Tensor  # (batch,) valid tokens fed so far
     attn: torch.Tensor | None = None  # (batch, kv_heads, n_new, n_keys), only if policy.needs_attention
+    all_valid: bool = False  # every key valid: policies may pass valid=None and skip masking
+    max_seen: int | None = None  # n_seen.max() known on the host, so budgets need no device sync
 
     def budget_tokens(self, budget: float | int) -> int:
         """A budget in tokens (int >= 1) or as a fraction of the tokens seen (0 < float <= 1)."""
         if isinstance(budget, float) and budget <= 1.0:
-            return max(1, math.ceil(budget * int(self.n_seen.max())))
+            seen = int(self.n_seen.max()) if self.max_seen is None else self.max_seen
+            return max(1, math.ceil(budget * seen))
         return int(budget)
 
 
@@ -106,6 +112,7 @@ class KVMemory:
         self._chunk_slots: torch.Tensor | None = None
         self._chunk_valid: torch.Tensor | None = None
         self._chunk_all_valid = True
+        self._max_seen = 0  # host copy of n_seen.max()
         self._update_due = False
 
     # ---------------------------------------------------------------- feeding
@@ -135,6 +142,7 @@ class KVMemory:
         self._chunk_slots = (self.n_fed + torch.arange(n_new, device=valid.device)).expand(valid.shape[0], -1)
         self._chunk_valid = valid
         self.n_seen = valid.sum(1) if self.n_seen is None else self.n_seen + valid.sum(1)
+        self._max_seen = self._max_seen + n_new if self._chunk_all_valid else int(self.n_seen.max())
         self.n_fed += n_new
         self._update_due = self.n_fed % self.update_interval == 0
 
@@ -236,7 +244,8 @@ class KVMemory:
         if getattr(self.policy, "needs_attention", False):
             attn = self._policy_attention(st, key, scaling, sliding_window)
         view = LayerView(
-            layer=layer, keys=key, slots=st.slots, valid=st.valid, n_new=st.n_new, n_seen=self.n_seen, attn=attn
+            layer=layer, keys=key, slots=st.slots, valid=st.valid, n_new=st.n_new, n_seen=self.n_seen, attn=attn,
+            all_valid=st.all_valid, max_seen=self._max_seen,
         )
         keep, st.policy_state = self.policy.update(view, st.policy_state)
         st.queries, st.query_slots, st.query_valid, st.n_new = [], [], [], 0
@@ -275,6 +284,7 @@ class KVMemory:
             "layers": {i: state.copy() for i, state in self.layers.items()},
             "n_fed": self.n_fed,
             "n_seen": self.n_seen,
+            "max_seen": self._max_seen,
             "kept_log": list(self.kept_log),
         }
 
@@ -284,6 +294,7 @@ class KVMemory:
             layer.keys, layer.values = k, v
         self.layers = {i: state.copy() for i, state in snap["layers"].items()}
         self.n_fed, self.n_seen, self.kept_log = snap["n_fed"], snap["n_seen"], list(snap["kept_log"])
+        self._max_seen = snap["max_seen"]
 
 
 def _allowed(
@@ -318,7 +329,8 @@ def _grouped_sdpa(
     m = mask.reshape(b * h, 1, n, nk)
     if g > 1:
         k, v = k.expand(-1, g, -1, -1), v.expand(-1, g, -1, -1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling)  # (b*h, g, n, d)
+    with sdpa_kernel(SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling)  # (b*h, g, n, d)
     return out.reshape(b, hq, n, -1).transpose(1, 2).contiguous()
 
 
@@ -330,7 +342,8 @@ def _causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sc
     """
     n, nk = query.shape[2], key.shape[2]
     mask = causal_lower_right(n, nk) if n > 1 else None
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    with sdpa_kernel(SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous()
 
 

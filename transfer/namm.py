@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PARAM_SIZE = 4172
 N_BINS = 17  # n_fft // 2 + 1
@@ -267,9 +268,11 @@ def bam_scores(x: Tensor, params: NAMMParams, valid: Tensor | None = None,
         k = torch.cat([k, -_PAD_LOGIT * math.sqrt(d) * pad, zeros], dim=-1)
     if attention_dtype is not None:
         q, k, v = q.to(attention_dtype), k.to(attention_dtype), v.to(attention_dtype)
-    out = F.scaled_dot_product_attention(
-        q.flip(-2), k.flip(-2), v.flip(-2), is_causal=True, scale=1.0 / math.sqrt(d)
-    ).flip(-2).to(x.dtype)  # (batch, heads, n_keys, hidden)
+    # not cuDNN: it plans per sequence length, and the cache's length changes at every update
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        out = F.scaled_dot_product_attention(
+            q.flip(-2), k.flip(-2), v.flip(-2), is_causal=True, scale=1.0 / math.sqrt(d)
+        ).flip(-2).to(x.dtype)  # (batch, heads, n_keys, hidden)
     o = out @ p.w_o + p.b_o  # (batch, heads, n_keys, 2F)
     h = x * (1.0 + o[..., n_feat:]) + o[..., :n_feat]
     return (h @ p.w_m).squeeze(-1) + p.b_m
@@ -301,10 +304,10 @@ def select_keep(scores: Tensor, valid: Tensor | None, threshold: float = 0.0,
         s = s.masked_fill(~valid.bool(), -math.inf)
     newest = newest_index(valid, s.shape, s.device)
     s.scatter_(-1, newest[..., None], math.inf)
-    d = int((s < threshold).sum(-1).min())
-    n_keep = s.shape[-1] - d
     if max_keep is not None:
         n_keep = min(max_keep, s.shape[-1])
+    else:  # the count depends on the scores: one device sync
+        n_keep = s.shape[-1] - int((s < threshold).sum(-1).min())
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :n_keep]
     return order.sort(dim=-1).values
 
@@ -314,7 +317,7 @@ def select_keep(scores: Tensor, valid: Tensor | None, threshold: float = 0.0,
 
 
 def _check_inputs(attn: Tensor, buffers: NAMMBuffers | None, positions: Tensor, valid: Tensor | None,
-                  cfg: NAMMConfig) -> None:
+                  cfg: NAMMConfig, finite: bool = True) -> None:
     if attn.dim() != 4:
         raise ValueError(f"attn must be (batch, kv_heads, n_new, n_keys), got shape {list(attn.shape)}")
     b, h, n_new, n_keys = attn.shape
@@ -322,7 +325,7 @@ def _check_inputs(attn: Tensor, buffers: NAMMBuffers | None, positions: Tensor, 
         raise ValueError(f"n_new={n_new} queries must be a positive multiple of hop={cfg.hop}")
     if n_new > n_keys:
         raise ValueError(f"n_new={n_new} exceeds n_keys={n_keys}: the last n_new keys must be the new tokens")
-    if not torch.isfinite(attn).all():
+    if finite and not torch.isfinite(attn).all():  # a full pass and a device sync: off in the memory's hot path
         raise ValueError("attention contains NaN or inf values")
     if positions.shape != (b, h, n_keys):
         raise ValueError(f"positions must have shape {[b, h, n_keys]}, got {list(positions.shape)}")
@@ -341,26 +344,68 @@ def _check_inputs(attn: Tensor, buffers: NAMMBuffers | None, positions: Tensor, 
         )
 
 
-def _spectral_ema(series: Tensor, context: Tensor, ema_prev: Tensor | None, n_new: int,
-                  cfg: NAMMConfig) -> Tensor:
-    """STFT + EMA in key chunks so the (keys, frames, n_fft) intermediates stay bounded on long caches."""
-    n_keys = series.shape[-2]
-    if n_keys <= _KEY_CHUNK:
-        return ema_update(stft_magnitudes(series, context, cfg), ema_prev, n_new, cfg)
+def _dft_conv_weight(cfg: NAMMConfig, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """The windowed DFT as a conv2d kernel over hop-sample blocks: (2 * bins, hop, n_fft / hop, 1).
+
+    weight[c, j, d, 0] = basis[d * hop + j, c]: output channel c of frame t reads sample j of block t + d.
+    """
+    basis = _dft_basis(cfg.n_fft, device, dtype)  # (n_fft, 2 * bins)
+    blocks = cfg.n_fft // cfg.hop
+    return basis.T.reshape(-1, blocks, cfg.hop).transpose(1, 2)[..., None].contiguous()
+
+
+def spectral_ema(attn: Tensor, context: Tensor, ema_prev: Tensor | None, cfg: NAMMConfig = NAMMConfig()) -> Tensor:
+    """EMA of |STFT| frames for every key: `ema_update(stft_magnitudes(attn^T, context), ema_prev)`.
+
+    attn (batch, heads, n_new, n_keys), context (batch, heads, n_keys, n_fft - hop), ema_prev
+    (batch, heads, n_old, bins) or None -> (batch, heads, n_keys, bins). Keys go in chunks to bound the
+    transient memory. On CUDA one conv2d reads attention in its (queries, keys) layout; on the CPU,
+    where that conv is slower, the unfolded frames of each key's series go through one GEMM.
+    """
+    n_keys, n_new = attn.shape[-1], attn.shape[-2]
+    conv = attn.is_cuda and cfg.n_fft % cfg.hop == 0 and cfg.context_len % cfg.hop == 0
     decay = cfg.ema_coeff ** (cfg.hop * (n_new // cfg.hop))
     n_old = n_keys - n_new
     out = []
     for start in range(0, n_keys, _KEY_CHUNK):
         stop = min(start + _KEY_CHUNK, n_keys)
-        mags = stft_magnitudes(series[..., start:stop, :], context[..., start:stop, :], cfg)
-        # the frame mask depends on the absolute key index: pad the chunk's n_keys/n_new to match it
-        chunk = ema_update(mags, None, n_new - (n_keys - stop), cfg)
+        if conv:
+            chunk = _conv_spectral_ema(attn[..., start:stop], context[..., start:stop, :], n_old - start, cfg)
+        else:  # the frame mask depends on the absolute key index: shift n_new to the chunk
+            mags = stft_magnitudes(attn[..., start:stop].transpose(-1, -2), context[..., start:stop, :], cfg)
+            chunk = ema_update(mags, None, n_new - (n_keys - stop), cfg)
         if ema_prev is not None and start < n_old:
             m = min(stop, n_old) - start
             prev = ema_prev[..., start : start + m, :].to(chunk.dtype)
             chunk = torch.cat([chunk[..., :m, :] + decay * prev, chunk[..., m:, :]], dim=-2)
         out.append(chunk)
     return torch.cat(out, dim=-2)
+
+
+def _conv_spectral_ema(attn: Tensor, context: Tensor, n_old: int, cfg: NAMMConfig) -> Tensor:
+    """EMA of |STFT| with the STFT as one conv2d over hop-sample blocks (no transposed series, no unfold).
+
+    The blocks of the query axis are the input channels and the keys stay the contiguous axis; the
+    kernel spans n_fft / hop consecutive blocks. TF32 is off: the DFT must be exact to fp32.
+    attn (batch, heads, n_new, keys), context (batch, heads, keys, n_fft - hop) -> (batch, heads, keys, bins);
+    the first n_old keys are old (their frames are never masked).
+    """
+    b, h, n_new, kc = attn.shape
+    hop, bins = cfg.hop, cfg.n_bins
+    n_ctx, frames = cfg.context_len // hop, n_new // hop
+    x = attn.new_empty(b * h, hop, n_ctx + frames, kc)  # (batch*heads, sample in block, block, keys)
+    x[:, :, :n_ctx] = context.reshape(b * h, kc, n_ctx, hop).permute(0, 3, 2, 1)
+    x[:, :, n_ctx:] = attn.reshape(b * h, frames, hop, kc).transpose(1, 2)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        spec = F.conv2d(x, _dft_conv_weight(cfg, attn.device, attn.dtype))  # (b*h, 2 * bins, frames, keys)
+    mags = torch.hypot(spec[:, :bins], spec[:, bins:])  # (batch*heads, bins, frames, keys)
+    a = cfg.ema_coeff**hop
+    t = torch.arange(frames, device=attn.device)
+    w = (a ** (frames - 1 - t).to(torch.float64) * (1.0 - a)).to(attn.dtype)  # (frames,)
+    k = torch.arange(kc, device=attn.device)
+    # frames that end before a new key existed are dropped (a no-op for causal attention)
+    wm = (k[None, :] < (n_old + hop * (t[:, None] + 1))).to(attn.dtype) * w[:, None]  # (frames, keys)
+    return mags.mul_(wm).sum(2).transpose(1, 2).reshape(b, h, kc, bins)
 
 
 def namm_update(
@@ -373,6 +418,7 @@ def namm_update(
     valid: Tensor | None = None,
     max_keep: int | None = None,
     attention_dtype: torch.dtype | None = None,
+    check_finite: bool = True,
 ) -> NAMMUpdate:
     """Score the cached tokens of one layer and pick the ones to keep (reference BAM NAMM, one update).
 
@@ -381,27 +427,29 @@ def namm_update(
     buffers: carried state of the n_keys - n_new old keys, None for a new sequence. positions: absolute
     token positions (batch, kv_heads, n_keys). valid: False for padding (scored -inf). max_keep: budget
     cap on the kept count (see `select_keep`); None reproduces the reference rule. Computes in float32
-    (float64 if attn is float64) on attn's device; `attention_dtype`: see `bam_scores`.
+    (float64 if attn is float64) on attn's device; `attention_dtype`: see `bam_scores`. With valid=None,
+    budget mode and check_finite=False an update never waits for the device (no host sync).
     """
-    _check_inputs(attn, buffers, positions, valid, cfg)
+    _check_inputs(attn, buffers, positions, valid, cfg, check_finite)
     b, h, n_new, n_keys = attn.shape
     dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
-    series = attn.to(dtype).transpose(-1, -2)  # (batch, heads, n_keys, n_new): attention each key received
-    ctx_new = series.new_zeros(b, h, n_new, cfg.context_len)
+    attn = attn.to(dtype)  # row q, column k: attention that key k received from new query q
+    ctx_new = attn.new_zeros(b, h, n_new, cfg.context_len)
     if buffers is None:
         context, ema_prev = ctx_new, None
     else:
-        context = torch.cat([buffers.context.to(series.device, dtype), ctx_new], dim=-2)
-        ema_prev = buffers.ema.to(series.device, dtype)
-    ema = _spectral_ema(series, context, ema_prev, n_new, cfg)  # (batch, heads, n_keys, bins)
-    rec = recency_features(positions.to(series.device), cfg, valid, dtype)  # (batch, heads, n_keys, 8)
+        context = torch.cat([buffers.context.to(attn.device, dtype), ctx_new], dim=-2)
+        ema_prev = buffers.ema.to(attn.device, dtype)
+    ema = spectral_ema(attn, context, ema_prev, cfg)  # (batch, heads, n_keys, bins)
+    rec = recency_features(positions.to(attn.device), cfg, valid, dtype)  # (batch, heads, n_keys, 8)
     x = torch.cat([rec, normalise(ema, norm)], dim=-1)  # (batch, heads, n_keys, 25), recency first
     scores = bam_scores(x, params, valid, attention_dtype)
     if valid is not None:
         scores = scores.masked_fill(~valid.bool(), -math.inf)
     keep = select_keep(scores, valid, cfg.threshold, max_keep)
     # last n_fft - hop samples each key received: (batch, heads, n_keys, n_fft - hop)
-    tail = torch.cat([context, series], dim=-1)[..., -cfg.context_len :]
+    recent = attn[..., -cfg.context_len :, :].transpose(-1, -2)
+    tail = torch.cat([context, recent], dim=-1)[..., -cfg.context_len :]
     new_buffers = NAMMBuffers(
         context=tail.gather(-2, keep[..., None].expand(-1, -1, -1, cfg.context_len)),
         ema=ema.gather(-2, keep[..., None].expand(-1, -1, -1, ema.shape[-1])),

@@ -65,9 +65,10 @@ class NAMMPolicy:
             self._params_on(view.attn.device),
             _IDENTITY_NORM if collecting else self.norm,
             self.config,
-            valid=view.valid,
+            valid=None if view.all_valid else view.valid,
             max_keep=None if collecting or self.budget is None else view.budget_tokens(self.budget),
             attention_dtype=torch.float16 if self.precision == "fast" and view.attn.is_cuda else None,
+            check_finite=False,  # the memory's own attention; a check would sync the device every layer
         )
         if collecting:
             self.norm = self.norm.merge(out.ema, view.valid)
