@@ -16,19 +16,15 @@ import json
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters.llama import CausalLMAdapter
+from bench.common import LLAMA3_8B, LLAMA_CPU_SMALL, random_llama
 from transfer.policies.full import FullCache
 from transfer.policies.recency import Recency
 
 PRESETS = {
-    "cpu-small": dict(config=dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                  num_attention_heads=8, num_key_value_heads=4), lengths=[2048], device="cpu",
-                      dtype="float32"),
-    "gpu-7b": dict(config=dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
-                   lengths=[8192, 32768], device="cuda", dtype="bfloat16"),
+    "cpu-small": dict(config=LLAMA_CPU_SMALL, lengths=[2048], device="cpu", dtype="float32"),
+    "gpu-7b": dict(config=LLAMA3_8B, lengths=[8192, 32768], device="cuda", dtype="bfloat16"),
 }
 
 
@@ -63,11 +59,8 @@ def main() -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu-7b needs a CUDA device")
     torch.manual_seed(0)
-    torch.set_default_dtype(getattr(torch, preset["dtype"]))  # initialise 8B weights directly in bf16
-    with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(**preset["config"], max_position_embeddings=131072))
-    torch.set_default_dtype(torch.float32)
-    adapter = CausalLMAdapter(model.eval())
+    model = random_llama(preset["config"], device, getattr(torch, preset["dtype"]))
+    adapter = CausalLMAdapter(model)
     rows = []
     print(f"batch {args.batch}; tokens/s = decode steps/s of the whole batch", flush=True)
     print(f"{'length':>7} {'full tok/s':>11} {'kept tok/s':>11} {'speed-up':>9} {'cache full/kept':>16}", flush=True)

@@ -57,13 +57,11 @@ from typing import Any
 
 import torch
 
+from bench.common import LLAMA3_8B, LLAMA_CPU_SMALL, random_llama, sync
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu-small": dict(config=dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                  num_attention_heads=8, num_key_value_heads=4), lengths=[2048], device="cpu",
-                      dtype="float32"),
-    "gpu-7b": dict(config=dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
-                   lengths=[8192, 32768], device="cuda", dtype="bfloat16"),
+    "cpu-small": dict(config=LLAMA_CPU_SMALL, lengths=[2048], device="cpu", dtype="float32"),
+    "gpu-7b": dict(config=LLAMA3_8B, lengths=[8192, 32768], device="cuda", dtype="bfloat16"),
 }
 PRESS_METHODS = ("knorm", "snapkv", "streamingllm")
 ALL_METHODS = ("full", *PRESS_METHODS, "ours-full", "namm")
@@ -93,11 +91,6 @@ def make_press(kvpress: types.ModuleType, method: str, kept: float) -> Any:
     """The kvpress press for a method name, removing 1 - kept of the context."""
     cls = {"knorm": kvpress.KnormPress, "snapkv": kvpress.SnapKVPress, "streamingllm": kvpress.StreamingLLMPress}
     return cls[method](compression_ratio=1.0 - kept)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def kv_bytes(cache: Any) -> int:
@@ -177,18 +170,8 @@ def run_ours(adapter: Any, method: str, ids: torch.Tensor, kept: float, steps: i
 
 def build_model(preset: dict[str, Any]) -> Any:
     """Random-weight Llama built directly on the device in the bench dtype (an 8B in seconds on a GPU)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    dtype = getattr(torch, preset["dtype"])
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(preset["device"]):
-            config = LlamaConfig(**preset["config"], max_position_embeddings=131072, attn_implementation="sdpa")
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    return model.to(dtype).eval()
+    return random_llama(preset["config"], preset["device"], getattr(torch, preset["dtype"]),
+                        attn_implementation="sdpa")
 
 
 def main() -> None:

@@ -32,27 +32,21 @@ import time
 from collections.abc import Callable
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig
 
 from adapters.base import install_memory_attention
 from adapters.llama import CausalLMAdapter
+from bench.common import LLAMA3_8B, LLAMA_CPU_SMALL, random_llama, sync
 from transfer.memory import KVMemory, _LayerState, _slot_mask
 from transfer.policies.full import FullCache
 from transfer.policies.namm import NAMMPolicy
 from transfer.policies.recency import Recency
 
 PRESETS = {
-    "cpu-small": dict(
-        config=dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                    num_attention_heads=8, num_key_value_heads=4),
-        lengths=[2048], runs="native,full,namm,eager-namm,recency", dtype="float32", device="cpu",
-    ),
-    "gpu-7b": dict(  # Meta-Llama-3-8B shapes
-        config=dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
-        lengths=[8192, 32768, 65536], runs="native,full,namm,namm-fast,eager-namm,recency",
-        dtype="bfloat16", device="cuda",
-    ),
+    "cpu-small": dict(config=LLAMA_CPU_SMALL, lengths=[2048], runs="native,full,namm,eager-namm,recency",
+                      dtype="float32", device="cpu"),
+    "gpu-7b": dict(config=LLAMA3_8B, lengths=[8192, 32768, 65536],
+                   runs="native,full,namm,namm-fast,eager-namm,recency", dtype="bfloat16", device="cuda"),
 }
 CHUNK = 512
 WARM_STEPS = 4  # decode steps before the timed ones
@@ -80,11 +74,6 @@ class EagerPathMemory(KVMemory):
         parts = [torch.nn.functional.pad(p, (0, nk - p.shape[-1])) for p in st.policy_probs]
         st.policy_probs = []
         return torch.cat(parts, dim=2).float()  # (batch, kv_heads, n_new, n_keys)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed_updates(memory: KVMemory, device: str) -> Callable[[], float]:
@@ -191,12 +180,8 @@ def main() -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu-7b needs a CUDA device")
     runs = (args.runs or preset["runs"]).split(",")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**preset["config"], max_position_embeddings=131072)
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).eval()
-    torch.set_default_dtype(torch.float32)
+    model = random_llama(preset["config"], device, dtype)
+    cfg = model.config
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     adapter = CausalLMAdapter(model)  # installs our attention; "native" switches to HF SDPA for its run
     env = {"preset": args.preset, "torch": torch.__version__, "dtype": preset["dtype"], "kept": args.kept,

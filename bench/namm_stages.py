@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from bench.common import sync
 from transfer.memory import _causal_sdpa, _grouped_sdpa, _slot_mask, attention_slice
 from transfer.namm import (
     NAMMBuffers,
@@ -51,12 +52,10 @@ def timed(fn: Callable[[], object], device: str, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from adapters.llava_next_video import LlavaNextVideoAdapter
+from bench.common import build_on
 from transfer.memory import KVMemory, check_update_interval
 from transfer.policies import make_policy
 from transfer.policies.namm import NAMMPolicy
@@ -79,13 +80,8 @@ def build_model(spec: dict[str, Any], device: str, dtype: torch.dtype) -> LlavaN
         projector_hidden_act="gelu", tie_word_embeddings=False, **spec["top"],
     )
     torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaNextVideoForConditionalGeneration(cfg).eval()
-    finally:
-        torch.set_default_dtype(previous)  # the NAMM's buffers must stay fp32
+    with build_on(device, dtype):  # the default dtype comes back: the NAMM's buffers must stay fp32
+        model = LlavaNextVideoForConditionalGeneration(cfg).eval()
     return LlavaNextVideoAdapter(model)
 
 
