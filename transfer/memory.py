@@ -5,11 +5,11 @@ runs the model's forward under `memory.active()`; transformers then calls `memor
 registered attention function) once per layer with the post-positional queries and the full cached
 keys/values. There we
 
-1. compute the layer's attention output ourselves with SDPA: while every cached key is valid, plain
-   causal attention aligned to the last key (no mask tensor; flash kernels on CUDA in half precision,
-   and for one-token decode anywhere); otherwise a mask built from
-   *slot indices* (causal by absolute token order, padding masked), because after eviction the cache no
-   longer lines up with HF's own mask. The model never needs eager attention;
+1. compute the layer's attention output ourselves with SDPA. While every cached key is valid this is
+   plain causal attention aligned to the last key, with no mask tensor (flash kernels on CUDA in half
+   precision, and one-token decode anywhere). Otherwise the mask is built from *slot indices* (causal
+   by absolute token order, padding masked), because after eviction the cache no longer lines up with
+   HF's own mask. The model never needs eager attention;
 2. buffer the chunk's queries; every `update_interval` tokens we compute the attention slice the
    policy needs (buffered queries x cached keys, GQA-averaged), ask the policy which tokens to keep,
    and gather K/V/slots in place.
