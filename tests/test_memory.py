@@ -186,3 +186,25 @@ def test_causal_only_slice_equals_general_slice_on_cpu():
     ref = torch.softmax((q @ k.repeat_interleave(4, 1).transpose(-1, -2)) * d**-0.5
                         + torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq).logical_not() * -1e9, -1)
     torch.testing.assert_close(general, ref.view(b, h, 4, nq, nk).mean(2), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal_only", [False, True])
+def test_attention_slice_blocks_equal_one_block(monkeypatch, causal_only):
+    """Head groups and query blocks (sized for the CPU's cache) change nothing, padding included."""
+    from transfer import memory as memory_module
+    from transfer.memory import attention_slice
+
+    g = torch.Generator().manual_seed(1)
+    b, hq, h, nq, nk, d = 2, 8, 4, 32, 90, 16
+    q, k = torch.randn(b, hq, nq, d, generator=g), torch.randn(b, h, nk, d, generator=g)
+    slots = torch.arange(nk).expand(b, h, nk)
+    valid = torch.ones(b, h, nk, dtype=torch.bool)
+    q_valid = torch.ones(b, nq, dtype=torch.bool)
+    if not causal_only:
+        valid[1, :, :10] = False  # left padding of row 1: keys and queries
+        q_valid[1, :3] = False
+    q_slots = torch.arange(nk - nq, nk).expand(b, nq)
+    whole = attention_slice(q, k, slots, valid, q_slots, q_valid, d**-0.5, causal_only=causal_only)
+    monkeypatch.setitem(memory_module._SLICE_ELEMENTS, "cpu", 2 * 2 * 7 * nk)  # 1 head, 7-query blocks
+    blocked = attention_slice(q, k, slots, valid, q_slots, q_valid, d**-0.5, causal_only=causal_only)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=0)
