@@ -213,26 +213,28 @@ def main() -> None:
 
 def print_table(rows: list[dict], length: int) -> None:
     by = {r["run"]: r for r in rows}
-    replay = by.get("recency")
+    base = by.get("recency")  # same cache sizes as the NAMM runs, no policy cost
+
+    def overhead(name: str) -> float | None:
+        """Prefill seconds the policy adds over the recency run (None without that run)."""
+        return by[name]["prefill_s"] - base["prefill_s"] if base and name in by else None
+
     print(f"\nL = {length}: prefill and decode, ratios measured in this run")
     print(f"{'run':>11} {'prefill s':>10} {'update s':>9} {'overhead':>9} {'decode tok/s':>13} {'cache':>7} "
           f"{'peak GB':>8} {'peak/expected':>14}")
     for name, r in by.items():
-        overhead = (r["prefill_s"] - replay["prefill_s"]) / replay["prefill_s"] if replay and "namm" in name else None
+        extra = overhead(name) if "namm" in name else None
+        share = None if extra is None else f"{100 * extra / base['prefill_s']:.0f} %"
         peak = r.get("peak_bytes")
         ratio = None if peak is None else peak / r["expected_bytes"]
-        print(f"{name:>11} {r['prefill_s']:>10.3f} {r['update_s']:>9.3f} "
-              f"{'' if overhead is None else f'{100 * overhead:.0f} %':>9} {r['decode_tok_s']:>13.2f} "
+        print(f"{name:>11} {r['prefill_s']:>10.3f} {r['update_s']:>9.3f} {share or '':>9} {r['decode_tok_s']:>13.2f} "
               f"{r['cache_tokens']:>7} {'' if peak is None else f'{peak / 2**30:.2f}':>8} "
               f"{'' if ratio is None else f'{ratio:.3f}':>14}")
-    if "namm" in by and "eager-namm" in by and replay:
-        ours = by["namm"]["prefill_s"] - replay["prefill_s"]
-        eager = by["eager-namm"]["prefill_s"] - replay["prefill_s"]
-        print(f"NAMM overhead, eager path / ours: {eager / max(ours, 1e-9):.2f}x")
-    if "namm-fast" in by and "eager-namm" in by and replay:
-        fast = by["namm-fast"]["prefill_s"] - replay["prefill_s"]
-        print(f"NAMM overhead, eager path / ours (fast BAM): "
-              f"{(by['eager-namm']['prefill_s'] - replay['prefill_s']) / max(fast, 1e-9):.2f}x")
+    eager = overhead("eager-namm")
+    for name in ("namm", "namm-fast"):
+        ours = overhead(name)
+        if eager is not None and ours is not None:
+            print(f"NAMM overhead, eager path / {name}: {eager / max(ours, 1e-9):.2f}x")
     if "full" in by and "namm" in by:
         print(f"decode speed-up at {by['namm']['kept_fraction']:.0%} kept vs our full cache: "
               f"{by['namm']['decode_tok_s'] / by['full']['decode_tok_s']:.2f}x"
