@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from adapters.llama import CausalLMAdapter
-from eval.tasks import synthetic
+from tasks import synthetic
 from transfer.memory import check_update_interval
 from transfer.runner import evaluate_policies, parse_policies, process_device
 

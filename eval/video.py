@@ -5,7 +5,7 @@ CLI: `namm-transfer eval video`. Protocol: `--frames` frames sampled uniformly o
 through the LM in chunks under the memory, whose policy runs every `--update-interval` tokens; that
 compressed cache is snapshotted once per video and answers all of its questions (each question
 restores it, feeds its tokens and decodes greedily). Prompts and answer parsing follow lmms-eval
-(eval/video_bench.py). An example is one video with its questions: predictions.jsonl holds one line
+(tasks/video_bench.py). An example is one video with its questions: predictions.jsonl holds one line
 per video with its per-question rows nested under "questions". A video that cannot be read becomes
 one error row and the run goes on; its questions are left out of the accuracy and counted in
 `errors` / `error_questions`.
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from eval.video_bench import (
+from tasks.video_bench import (
     LVB_MAX_NEW_TOKENS,
     MLVU_MAX_NEW_TOKENS,
     VideoQAExample,
@@ -69,7 +69,7 @@ def default_data(benchmark: str) -> Path:
     if (SYNTH_DIR / "lvb_val.json").is_file():
         return SYNTH_DIR
     if not (SYNTH_REGEN_DIR / "lvb_val.json").is_file():
-        from eval.synth_video import generate_lvb
+        from tasks.synth_video import generate_lvb
 
         print(f"regenerating the synthetic set (seed {SYNTH_SEED}) into {SYNTH_REGEN_DIR}", flush=True)
         generate_lvb(SYNTH_REGEN_DIR, SYNTH_VIDEOS, SYNTH_SEED, overwrite=True)
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Every policy on one benchmark; prints and returns {policy label: metrics}."""
     from adapters.llava_next_video import LlavaNextVideoAdapter
     from eval.tables import print_domain_table
-    from eval.video_io import VideoError, read_frames
+    from tasks.video_io import VideoError, read_frames
 
     check_update_interval(args.update_interval)
     start = time.time()
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def eviction_history(namm: str | None = None, frames: int = 32, update_interval: int = 128) -> tuple[list, int]:
     """The NAMM's eviction record on the first video of the shipped synthetic set (for the report's map)."""
     from adapters.llava_next_video import LlavaNextVideoAdapter
-    from eval.video_io import read_frames
+    from tasks.video_io import read_frames
     from transfer.policies import make_policy
 
     item = load_items("synthetic", default_data("synthetic"), 1)[0]

@@ -33,7 +33,7 @@ def tiny_lm_dir(root):
     """A tiny random Llama + the synthetic tasks' word tokenizer saved as an HF model folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from eval.tasks.synthetic import build_tokenizer
+    from tasks.synthetic import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(0)

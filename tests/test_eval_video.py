@@ -13,8 +13,8 @@ from test_video_adapter import SIZE, tiny_llava
 
 from adapters.llava_next_video import LlavaNextVideoAdapter
 from eval import video
-from eval.synth_video import render, sample_spec
-from eval.video_io import write_mp4
+from tasks.synth_video import render, sample_spec
+from tasks.video_io import write_mp4
 from train.video import TinyVideoProcessor, build_tokenizer
 from transfer.namm import NAMMConfig, NormStats, save_namm
 
@@ -101,7 +101,7 @@ def test_bad_inputs(setup):
 
 
 def test_mlvu_summary_is_the_mean_of_task_accuracies():
-    from eval.video_bench import VideoQAExample
+    from tasks.video_bench import VideoQAExample
 
     def ex(i, task, answer):
         return VideoQAExample(f"{task}_{i}", f"video/{task}/{i}.mp4", "q", ["a", "b"], answer, "p", {"task": task})

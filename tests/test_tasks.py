@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from eval.tasks import longbench, metrics
-from eval.tasks.synthetic import (
+from tasks import longbench, metrics
+from tasks.synthetic import (
     EOS,
     TASKS,
     VOCAB,

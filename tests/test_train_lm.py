@@ -66,7 +66,7 @@ def test_bad_args():
 def test_shipped_model_solves_needle_on_cpu():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eval.tasks.synthetic import make_examples, score
+    from tasks.synthetic import make_examples, score
 
     model = AutoModelForCausalLM.from_pretrained(SHIPPED, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(SHIPPED)

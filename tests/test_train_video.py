@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from eval.synth_video import render, sample_spec
-from eval.video_bench import lvb_prompt
+from tasks.synth_video import render, sample_spec
+from tasks.video_bench import lvb_prompt
 from train.video import (
     TOKENS_PER_FRAME,
     TinyVideoProcessor,
@@ -77,7 +77,7 @@ def test_two_step_train_save_load(tmp_path, tok):
     pytest.importorskip("av")
     from transformers import LlavaNextVideoForConditionalGeneration
 
-    from eval.synth_video import generate_lvb
+    from tasks.synth_video import generate_lvb
 
     data = generate_lvb(tmp_path / "data", n_videos=1, seed=3)
     out = tmp_path / "model"

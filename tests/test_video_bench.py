@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from eval.video_bench import (
+from tasks.video_bench import (
     LVB_POST_PROMPT,
     extract_mlvu_answer,
     fallback_rng,
@@ -141,7 +141,7 @@ def test_mlvu_extraction():
 
 def test_synthetic_set_is_deterministic_and_loadable(tmp_path):
     pytest.importorskip("av")
-    from eval.synth_video import QUESTION_TYPES, generate_lvb, render, sample_dataset
+    from tasks.synth_video import QUESTION_TYPES, generate_lvb, render, sample_dataset
 
     a, b = sample_dataset(4, seed=11), sample_dataset(4, seed=11)
     assert [x[0] for x in a] == [x[0] for x in b] and [x[1] for x in a] == [x[1] for x in b]
@@ -157,7 +157,7 @@ def test_synthetic_set_is_deterministic_and_loadable(tmp_path):
     # answers are true to the rendered pixels: first frame shows the first colour, count matches scenes
     spec, questions = sample_dataset(1, seed=11)[0]
     frames = render([spec]).numpy()[0]  # (F, H, W, 3)
-    from eval.synth_video import BACKGROUND, COLORS, PALETTE
+    from tasks.synth_video import BACKGROUND, COLORS, PALETTE
 
     def colour_of(frame):
         px = frame.reshape(-1, 3)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("av")
-from eval.video_io import VideoError, read_frames, resize_frames, sample_indices, write_mp4  # noqa: E402
+from tasks.video_io import VideoError, read_frames, resize_frames, sample_indices, write_mp4  # noqa: E402
 
 N_FRAMES = 40
 

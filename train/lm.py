@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.tasks.synthetic import (
+from tasks.synthetic import (
     EOS,
     TASKS,
     VOCAB,

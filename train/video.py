@@ -3,7 +3,7 @@
 A real ``LlavaNextVideoForConditionalGeneration`` (CLIP tower -> 2x2 average pooling -> projector ->
 Llama with GQA), only tiny: 112 px frames with 14 px patches give 16 video tokens per frame, so 32
 frames are 512 cache tokens and 64 frames 1024. It learns the synthetic long-video QA of
-``eval.synth_video`` from fresh, procedurally rendered videos (no codec needed, so it trains on a bare
+``tasks.synth_video`` from fresh, procedurally rendered videos (no codec needed, so it trains on a bare
 GPU box), with codec-like noise so that it also reads the mp4 eval set.
 
     python -m train.video --out runs/video/tiny --steps 0 --time-budget 240 --device cuda
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.synth_video import COLORS, COUNT_OPTIONS, QUESTIONS, SIZE, make_questions, render, sample_spec
-from eval.video_bench import LETTERS, LVB_POST_PROMPT, MLVU_POST_PROMPT, lvb_prompt
+from tasks.synth_video import COLORS, COUNT_OPTIONS, QUESTIONS, SIZE, make_questions, render, sample_spec
+from tasks.video_bench import LETTERS, LVB_POST_PROMPT, MLVU_POST_PROMPT, lvb_prompt
 
 VIDEO_TOKEN = "<video>"
 IMAGE_TOKEN = "<image>"
@@ -99,7 +99,7 @@ class TinyVideoProcessor:
 
     def preprocess_video(self, frames) -> torch.Tensor:
         """(F, H, W, 3) uint8 -> (F, 3, size, size) float."""
-        from eval.video_io import resize_frames
+        from tasks.video_io import resize_frames
 
         x = torch.as_tensor(resize_frames(np.asarray(frames), self.size)).permute(0, 3, 1, 2).float() / 255.0
         mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
@@ -231,7 +231,7 @@ def sample_batch(rng: np.random.Generator, tokenizer, batch: int, num_frames: in
                  qtypes: tuple[int, ...] = (0, 1, 2, 3)) -> dict:
     """Fresh synthetic videos, one random question each; labels cover only the answer letter + EOS.
 
-    ``qtypes`` indexes ``eval.synth_video.QUESTION_TYPES`` (first, last, needle, count).
+    ``qtypes`` indexes ``tasks.synth_video.QUESTION_TYPES`` (first, last, needle, count).
     """
     specs = [sample_spec(rng) for _ in range(batch)]
     idx = [np.linspace(0, s.num_frames - 1, num_frames, dtype=int) for s in specs]
@@ -275,8 +275,8 @@ def answer_questions(model, processor, example_frames, questions: list[str], dev
 def evaluate_lvb(model, processor, data_dir: str | Path, num_frames: int = 32, device="cpu",
                  frames_npz: str | Path | None = None, seed: int = 0) -> tuple[dict, list[dict]]:
     """Full-cache accuracy on a LongVideoBench-layout set (frames from mp4, or pre-decoded ``.npz``)."""
-    from eval.video_bench import group_by_video, load_longvideobench, lvb_metrics, parse_predictions
-    from eval.video_io import read_frames
+    from tasks.video_bench import group_by_video, load_longvideobench, lvb_metrics, parse_predictions
+    from tasks.video_io import read_frames
 
     examples = load_longvideobench(data_dir)
     cache = np.load(frames_npz) if frames_npz else None
@@ -298,8 +298,8 @@ def processor_size(processor) -> int:
 
 def decode_frames_npz(data_dir: str | Path, out: str | Path, frame_counts=(32, 64)) -> Path:
     """Pre-decode a set's mp4s (PyAV) for machines without a video decoder; keys ``<stem>__<frames>``."""
-    from eval.video_bench import load_longvideobench
-    from eval.video_io import read_frames
+    from tasks.video_bench import load_longvideobench
+    from tasks.video_io import read_frames
 
     arrays = {}
     for ex in load_longvideobench(data_dir):
@@ -347,7 +347,7 @@ def write_provenance(out: Path, metrics: dict) -> None:
         + f"; AdamW peak lr {a['lr']} (warmup 100, cosine)",
         f"- parameters: {metrics['params']:,}; final EMA train loss {metrics['final_ema_loss']:.4f}, "
         f"teacher-forced letter accuracy {metrics['final_ema_letter_acc']:.3f}",
-        "- data: fresh videos from `eval.synth_video.sample_spec` rendered in-process (numpy seed = training seed),"
+        "- data: fresh videos from `tasks.synth_video.sample_spec` rendered in-process (numpy seed = training seed),"
         " codec-like chroma subsampling + noise; never the shipped eval set (generator seed 1234)",
         *(_init_lines(a["init"]) if a.get("init") else []),
         "- prompt: `train.video.build_prompt(lvb_prompt(question, options))`, target = option letter + `</s>`", "",
@@ -406,7 +406,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--frame-budget", type=int, default=0,
                    help="frames per batch (videos = budget // frames, constant cost across lengths); 0 = --batch")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=7, help="training seed (eval set uses eval/synth_video's 1234)")
+    p.add_argument("--seed", type=int, default=7, help="training seed (eval set uses tasks/synth_video's 1234)")
     p.add_argument("--text-layers", type=int, default=4)
     p.add_argument("--text-hidden", type=int, default=128)
     p.add_argument("--vision-hidden", type=int, default=64)

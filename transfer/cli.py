@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
 
-    from transfer import evolve
+    from train import evolve
 
     p = sub.add_parser("evolve", help="evolve a NAMM with CMA-ES on a causal LM (resumable)", formatter_class=DEFAULTS)
     evolve.add_arguments(p)

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eval.tasks.metrics import DATASET2METRIC, longbench_score, qa_f1_score, rouge_score
+from tasks.metrics import DATASET2METRIC, longbench_score, qa_f1_score, rouge_score
 
 DATASET2PROMPT = {
     "narrativeqa": "You are given a story, which can be either a novel or a movie script, and a question. Answer the question as concisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nStory: {context}\n\nNow, answer the question based on the story as concisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:",  # noqa: E501

@@ -181,7 +181,7 @@ def sample_dataset(n_videos: int, seed: int, num_frames: int | None = None) -> l
 
 def generate_lvb(out_dir: str | Path, n_videos: int = 48, seed: int = 1234, overwrite: bool = False) -> Path:
     """Write ``<out_dir>/videos/*.mp4`` + ``lvb_val.json`` (LongVideoBench layout), atomically."""
-    from eval.video_io import write_mp4
+    from tasks.video_io import write_mp4
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
