@@ -16,7 +16,8 @@ from eval import video
 from tasks.synth_video import render, sample_spec
 from tasks.video_io import write_mp4
 from train.video import TinyVideoProcessor, build_tokenizer
-from transfer.namm import NAMMConfig, NormStats, save_namm
+from transfer.checkpoint import save_namm
+from transfer.namm import NAMMConfig, NormStats
 
 
 @pytest.fixture(scope="module")

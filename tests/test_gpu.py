@@ -65,8 +65,12 @@ def test_causal_only_slice_equals_general_slice():
 
 
 def test_fast_precision_agrees_with_fp32_on_cuda():
-    """The fp16 BAM attention changes few keep decisions and the scores by little."""
-    from transfer.namm import NAMMParams, namm_update
+    """fp16 BAM attention: every score within its fp16 rounding bound, and a keep decision flips only where
+    that bound allows it (tests/fp16_error.py derives the bound; last measured on the H200: 3 of 8192
+    scores moved > 0.05, max 0.14, once 0.29, decisions 100 % equal)."""
+    from fp16_error import LAMBDA, decidable, fp16_sigma
+
+    from transfer.namm import NAMMConfig, NAMMParams, namm_update, normalise, recency_features
 
     g = torch.Generator().manual_seed(3)
     n = 2048
@@ -78,15 +82,23 @@ def test_fast_precision_agrees_with_fp32_on_cuda():
     norm = NormStats(mean=torch.full((17,), 0.01), var=torch.full((17,), 1e-4), count=100)
     ref = namm_update(attn, None, pos, params, norm)
     fast = namm_update(attn, None, pos, params, norm, attention_dtype=torch.float16)
+    x = torch.cat([recency_features(pos, NAMMConfig()), normalise(ref.ema, norm)], -1)  # the BAM's input
+    bound = LAMBDA * fp16_sigma(x, params)  # (1, 4, n) per-score bound, float64
     kept_ref = torch.zeros(ref.scores.shape, dtype=torch.bool, device="cuda").scatter_(-1, ref.keep, True)
     kept_fast = torch.zeros(ref.scores.shape, dtype=torch.bool, device="cuda").scatter_(-1, fast.keep, True)
-    agree = float((kept_ref == kept_fast).float().mean())
-    diff = (fast.scores - ref.scores).abs()
-    stats = (f"kept {ref.keep.shape[-1]}/{n}, agree {agree:.5f}, median |d| {float(diff.median()):.2e}, "
-             f"max {float(diff.max()):.3f}")
+    flips = kept_ref != kept_fast
+    surely_kept, surely_dropped = decidable(ref.scores, bound)
+    open_ = ~(surely_kept | surely_dropped)  # decisions the fp16 error may legitimately change
+    diff = (fast.scores - ref.scores).abs().double()
+    stats = (f"kept {ref.keep.shape[-1]}/{n}, flips {int(flips.sum())} (allowed: {int(open_.sum())} open "
+             f"decisions), max |d| {float(diff.max()):.3f}, max |d|/bound {float((diff / bound).max()):.3f}")
     print(stats)
     assert 0 < ref.keep.shape[-1] < n, stats
-    assert agree > 0.99 and float(diff.median()) < 1e-2, stats
+    assert kept_ref[surely_kept].all() and not kept_ref[surely_dropped].any(), stats  # the helper's rule
+    assert bool((diff <= bound).all()), stats  # the largest deviation, score by score
+    assert not flips[~open_].any(), stats  # every flipped decision is one the bound allows
+    # flip rate <= open fraction; the bound is informative only if few decisions are open (1.6 % here)
+    assert float(open_.float().mean()) < 0.05, stats
 
 
 def test_conv_spectral_ema_on_cuda_equals_cpu_path():

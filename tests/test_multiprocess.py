@@ -14,7 +14,8 @@ import torch
 from conftest import random_namm_theta, tiny_lm_dir
 
 from transfer.cli import main
-from transfer.namm import NAMMConfig, NormStats, load_namm, save_namm
+from transfer.checkpoint import load_namm, save_namm
+from transfer.namm import NAMMConfig, NormStats
 from transfer.rundir import slug
 
 ACCELERATE = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from transfer.checkpoint import DEFAULT_NAMM, inspect_namm, load_namm, resolve_namm, save_namm
 from transfer.namm import (
     N_BINS,
     PARAM_SIZE,
@@ -19,12 +21,10 @@ from transfer.namm import (
     NormStats,
     bam_scores,
     ema_update,
-    inspect_namm,
-    load_namm,
     namm_update,
+    normalise,
     param_size,
     recency_features,
-    save_namm,
     select_keep,
     stft_magnitudes,
 )
@@ -462,17 +462,27 @@ def test_missing_norm_warns_once(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
+    from fp16_error import decidable
+
     gen = torch.Generator().manual_seed(17)
     pos = first_positions(gen, 64)
     attn = causal_attn(gen, pos, pos)
-    params = NAMMParams.from_flat(random_theta(gen).float())
+    theta = random_theta(gen).float()
     norm = random_norm(gen)
-    cpu = namm_update(attn, None, pos, params, norm)
+    theta[-1] = 0.0  # centre the output bias: about half the scores negative, so eviction is decided
+    theta[-1] = -float(namm_update(attn, None, pos, NAMMParams.from_flat(theta), norm).scores.median())
+    params = NAMMParams.from_flat(theta)
     gpu = namm_update(attn.cuda().bfloat16(), None, pos.cuda(), params, norm)
     cpu_bf = namm_update(attn.bfloat16(), None, pos, params, norm)
     assert gpu.keep.device.type == "cuda" and gpu.scores.dtype == torch.float32
-    torch.testing.assert_close(gpu.scores.cpu(), cpu_bf.scores, atol=1e-3, rtol=1e-4)
-    assert cpu.keep.shape[-1] > 0
+    atol, rtol = 1e-3, 1e-4
+    torch.testing.assert_close(gpu.scores.cpu(), cpu_bf.scores, atol=atol, rtol=rtol)
+    # scores equal within that tolerance must give the same decision wherever the tolerance cannot flip it
+    surely_kept, surely_dropped = decidable(cpu_bf.scores, atol + rtol * cpu_bf.scores.abs())
+    kept = kept_mask(gpu).cpu()
+    assert 0 < int(kept_mask(cpu_bf).sum()) < kept.numel()  # the case evicts something
+    assert kept[surely_kept].all() and not kept[surely_dropped].any()
+    assert bool((surely_kept | surely_dropped).all())  # this case has no decision within the tolerance
 
 
 @pytest.mark.parametrize("key_chunk", [5, 8192])
@@ -492,3 +502,78 @@ def test_spectral_ema_equals_stft_then_ema(monkeypatch, key_chunk):
     conv = namm._conv_spectral_ema(attn, context, n_old, NAMMConfig())
     torch.testing.assert_close(conv, ema_update(stft_magnitudes(attn.transpose(-1, -2), context), None, n_new),
                                rtol=1e-12, atol=1e-12)
+
+
+def kept_mask(u) -> torch.Tensor:
+    """(batch, heads, n_keys) True where an update keeps the token (a sequence's surplus entries excluded)."""
+    src = torch.ones_like(u.keep, dtype=torch.bool) if u.keep_valid is None else u.keep_valid
+    return torch.zeros(u.scores.shape, dtype=torch.bool, device=u.keep.device).scatter_(-1, u.keep, src)
+
+
+def test_fp16_error_bound_holds_for_emulated_half_attention():
+    """The bound the CUDA fp16 test uses (tests/fp16_error.py), checked against exact fp16 emulation.
+
+    It must hold for fp16 roundings and must fail for bf16 ones (8x coarser): a bound that cannot fail
+    would prove nothing on the GPU.
+    """
+    from fp16_error import LAMBDA, decidable, emulate_half_bam, fp16_sigma
+
+    gen = torch.Generator().manual_seed(21)
+    n = 384
+    logits = 3 * torch.randn(1, 2, n, n, generator=gen)
+    attn = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf).softmax(-1)
+    pos = torch.arange(n).expand(1, 2, n)
+    theta = 0.3 * torch.randn(PARAM_SIZE, generator=gen)
+    theta[-1] = -0.2
+    params = NAMMParams.from_flat(theta)
+    norm = NormStats(torch.full((N_BINS,), 0.01), torch.full((N_BINS,), 1e-4), 100)
+    u = namm_update(attn, None, pos, params, norm)
+    x = torch.cat([recency_features(pos, NAMMConfig()), normalise(u.ema, norm)], -1)
+    bound = LAMBDA * fp16_sigma(x, params)
+    half = emulate_half_bam(x, params)
+    torch.testing.assert_close(emulate_half_bam(x, params, torch.float32), u.scores, atol=1e-4, rtol=1e-5)
+    assert bool(((half - u.scores).abs() <= bound).all())
+    assert float((half - u.scores).abs().max()) > 1e-3  # the roundings do move the scores
+    assert not bool(((emulate_half_bam(x, params, torch.bfloat16) - u.scores).abs() <= bound).all())
+    surely_kept, surely_dropped = decidable(u.scores, bound)
+    kept, kept_half = kept_mask(u), kept_mask(select_keep_update(half, u))
+    assert kept[surely_kept].all() and not kept[surely_dropped].any()
+    assert not (kept != kept_half)[surely_kept | surely_dropped].any()
+    assert 0 < int(kept.sum()) < kept.numel() and float((surely_kept | surely_dropped).float().mean()) > 0.9
+
+
+def select_keep_update(scores: torch.Tensor, like):
+    """A stand-in update holding the reference selection on other scores (for kept_mask)."""
+    from types import SimpleNamespace
+
+    keep, keep_valid = select_keep(scores, None)
+    return SimpleNamespace(scores=like.scores, keep=keep, keep_valid=keep_valid)
+
+
+def test_checkpoint_refuses_non_finite_values(tmp_path):
+    cfg = NAMMConfig()
+    theta = torch.zeros(PARAM_SIZE)
+    theta[5] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        save_namm(tmp_path / "a", theta, None, cfg, {})
+    from safetensors.torch import save_file
+
+    out = save_namm(tmp_path / "b", torch.zeros(PARAM_SIZE), None, cfg, {})
+    save_file({"theta": theta, "norm_mean": torch.zeros(N_BINS), "norm_var": torch.ones(N_BINS)},
+              str(out / "namm.safetensors"))
+    with pytest.raises(ValueError, match="1 NaN or inf"):
+        load_namm(out)
+    norm = NormStats(torch.zeros(N_BINS), torch.full((N_BINS,), math.inf), 5)
+    save_namm(tmp_path / "c", torch.zeros(PARAM_SIZE), norm, cfg, {})
+    with pytest.raises(ValueError, match="finite"):
+        load_namm(tmp_path / "c")
+
+
+def test_default_checkpoint_is_resolved_in_one_place():
+    assert resolve_namm(None) == DEFAULT_NAMM == resolve_namm("")
+    assert resolve_namm("x/y") == Path("x/y")
+    if (DEFAULT_NAMM / "namm.safetensors").is_file():
+        assert torch.equal(load_namm()[0], load_namm(DEFAULT_NAMM)[0])
+    assert NormStats.empty().mean.shape == (NAMMConfig().n_bins,) and NormStats.empty().count == 0
+    wide = NAMMConfig(n_fft=64, hop=32)
+    assert NormStats.identity(wide).var.tolist() == [1.0] * 33 and param_size(wide) != PARAM_SIZE

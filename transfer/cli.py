@@ -32,7 +32,7 @@ def _policies(args: argparse.Namespace) -> int:
 
 
 def _namm_inspect(args: argparse.Namespace) -> int:
-    from transfer.namm import inspect_namm
+    from transfer.checkpoint import inspect_namm
 
     print(json.dumps(inspect_namm(args.checkpoint), indent=2, default=str))
     return 0

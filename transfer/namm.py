@@ -2,21 +2,17 @@
 
 One call of `namm_update` is one (layer, update) of `DeepMP.update_layer_cache_impl_` in SakanaAI/evo-memory:
 attention spectrogram (STFT magnitudes) -> EMA over frames -> frozen per-bin normalisation -> recency
-sinusoids -> backward-attention BAM scorer -> binary selection. See docs in
-/work/shared/reference/namm-spec.md (sections 1-3). Nothing here knows about models, adapters or domains:
+sinusoids -> backward-attention BAM scorer -> binary selection, as specified in docs/namm-spec.md
+(sections 1-6). Nothing here knows about models, adapters or domains:
 the memory manager feeds GQA-averaged attention and absolute positions, and gathers its own K/V with `keep`.
+Checkpoint I/O (our format, the reference's, the default NAMM) lives in transfer/checkpoint.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
 import warnings
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,17 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-PARAM_SIZE = 4172
-N_BINS = 17  # n_fft // 2 + 1
-N_FEATURES = 25  # recency_dim + N_BINS
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "namm.safetensors"
-META_FILE = "namm.json"
 _NORM_EPS = 1e-7  # reference: (E - mu) / max(sqrt(var), 1e-7)
 _PAD_LOGIT = 1e9  # logit penalty for padded BAM keys; exp underflows to exactly 0 like finfo.min masking
 _KEY_CHUNK = 8192  # keys per STFT chunk: bounds the (keys, frames, n_fft) intermediate on long caches
 _CPU_CHUNK_ELEMENTS = 1 << 19  # attention samples per STFT chunk on the CPU: intermediates stay in cache
-_REF_NORM_PREFIX = "stored_buffers_to_save.token_embedding_0_"
 _warned_no_norm = False
 
 
@@ -68,6 +57,11 @@ def param_size(cfg: NAMMConfig = NAMMConfig()) -> int:
     """Length of the flat parameter vector for `cfg` (4172 for the released BAM)."""
     f, d = cfg.n_features, cfg.hidden_dim
     return f * 3 * d + 3 * d + d * 2 * f + 2 * f + f + 1
+
+
+# The released BAM's geometry (NAMMConfig() defaults) for callers that carry no config.
+N_BINS = NAMMConfig().n_bins  # 17
+PARAM_SIZE = param_size(NAMMConfig())  # 4172
 
 
 @dataclass
@@ -107,15 +101,22 @@ class NAMMParams:
 
 @dataclass
 class NormStats:
-    """Frozen per-bin population statistics of the un-normalised EMA features (float64, shape (17,))."""
+    """Frozen per-bin population statistics of the un-normalised EMA features (float64, shape (n_bins,))."""
 
     mean: Tensor
     var: Tensor
     count: int
 
     @classmethod
-    def empty(cls) -> NormStats:
-        return cls(torch.zeros(N_BINS, dtype=torch.float64), torch.zeros(N_BINS, dtype=torch.float64), 0)
+    def empty(cls, cfg: NAMMConfig = NAMMConfig()) -> NormStats:
+        """No statistics yet (count 0): `normalise` leaves the features unchanged, as the reference does."""
+        zeros = torch.zeros(cfg.n_bins, dtype=torch.float64)
+        return cls(zeros, zeros.clone(), 0)
+
+    @classmethod
+    def identity(cls, cfg: NAMMConfig = NAMMConfig()) -> NormStats:
+        """Mean 0, variance 1: normalisation is a no-op without the missing-statistics warning."""
+        return cls(torch.zeros(cfg.n_bins, dtype=torch.float64), torch.ones(cfg.n_bins, dtype=torch.float64), 1)
 
     def merge(self, ema: Tensor, valid: Tensor | None) -> NormStats:
         """Chan parallel mean/var merge of this batch's (batch, heads, tokens) rows, masked by `valid`.
@@ -144,7 +145,7 @@ class NAMMBuffers:
     """Per-layer state carried between updates; rows aligned with the cached tokens."""
 
     context: Tensor  # (batch, kv_heads, n_keys, n_fft - hop): last attention samples each key received
-    ema: Tensor  # (batch, kv_heads, n_keys, 17): un-normalised EMA of |STFT|
+    ema: Tensor  # (batch, kv_heads, n_keys, n_bins): un-normalised EMA of |STFT|
 
 
 @dataclass
@@ -157,11 +158,6 @@ class NAMMUpdate:
 
 # ----------------------------------------------------------------------------------------------------------
 # Feature pieces
-
-
-def hann_window(n_fft: int, device: torch.device | str | None = None,
-                dtype: torch.dtype = torch.float32) -> Tensor:
-    return torch.hann_window(n_fft, periodic=True, device=device, dtype=dtype)
 
 
 def _dft_basis(n_fft: int, device: torch.device | str | None, dtype: torch.dtype) -> Tensor:
@@ -461,175 +457,14 @@ def namm_update(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoint I/O moved to transfer/checkpoint.py. Temporary re-export until every importer has switched.
+
+_MOVED = ("save_namm", "load_namm", "inspect_namm")
 
 
-def _config_from_dict(d: dict[str, Any]) -> NAMMConfig:
-    known = {f.name for f in fields(NAMMConfig)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown NAMM config fields: {sorted(unknown)}")
-    return NAMMConfig(**d)
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:  # lazily: transfer.checkpoint imports this module
+        from transfer import checkpoint
 
-
-def save_namm(path_dir: str | os.PathLike, theta: Tensor, norm: NormStats | None, cfg: NAMMConfig,
-              provenance: dict) -> Path:
-    """Write our checkpoint format (namm.safetensors + namm.json) atomically: temp dir, then rename."""
-    from safetensors.torch import save_file
-
-    size = param_size(cfg)
-    if theta.dim() != 1 or theta.numel() != size:
-        raise ValueError(f"theta must have shape [{size}], got {list(theta.shape)}")
-    norm = norm if norm is not None else NormStats.empty()
-    if norm.mean.shape != (cfg.n_bins,) or norm.var.shape != (cfg.n_bins,):
-        raise ValueError(f"norm stats must have shape [{cfg.n_bins}], got {list(norm.mean.shape)}")
-    meta = {
-        "format": "namm-transfer",
-        "format_version": FORMAT_VERSION,
-        "config": asdict(cfg),
-        "param_size": size,
-        "norm_count": int(norm.count),
-        "provenance": provenance,
-    }
-    try:
-        meta_text = json.dumps(meta, indent=2, sort_keys=True)
-    except TypeError as e:
-        raise ValueError(f"provenance must be JSON-serialisable: {e}") from None
-    dest = Path(path_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        tensors = {
-            "theta": theta.detach().to("cpu", torch.float32).contiguous(),
-            "norm_mean": norm.mean.detach().to("cpu", torch.float32).contiguous(),
-            "norm_var": norm.var.detach().to("cpu", torch.float32).contiguous(),
-        }
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "namm-transfer"})
-        (tmp / META_FILE).write_text(meta_text + "\n")
-        old = None
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / dest.name)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return dest
-
-
-def _strip_prefix(d: dict[str, Any]) -> dict[str, Any]:
-    return {k.replace("_orig_mod.", ""): v for k, v in d.items()}
-
-
-def _load_ours(weights: Path) -> tuple[Tensor, NormStats, NAMMConfig, dict[str, Any]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    meta_path = weights.parent / META_FILE
-    if not meta_path.is_file():
-        raise ValueError(f"{weights}: missing sibling {META_FILE}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path}: invalid JSON ({e})") from None
-    if meta.get("format") != "namm-transfer" or "config" not in meta:
-        raise ValueError(f"{meta_path}: not a namm-transfer checkpoint (format={meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format_version {meta['format_version']} > supported {FORMAT_VERSION}")
-    cfg = _config_from_dict(meta["config"])
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights}: unreadable safetensors file ({e})") from None
-    missing = [k for k in ("theta", "norm_mean", "norm_var") if k not in tensors]
-    if missing:
-        raise ValueError(f"{weights}: missing tensors {missing}")
-    theta = tensors["theta"].float()
-    _check_theta(theta, cfg, weights)
-    norm = _norm_from(tensors["norm_mean"], tensors["norm_var"], int(meta.get("norm_count", 0)), cfg, weights)
-    return theta, norm, cfg, {"format": "namm-transfer", "provenance": meta.get("provenance", {})}
-
-
-def _check_theta(theta: Tensor, cfg: NAMMConfig, where: Path) -> None:
-    size = param_size(cfg)
-    if theta.numel() != size or theta.dim() != 1:
-        raise ValueError(f"{where}: theta has shape {list(theta.shape)}, expected [{size}]")
-
-
-def _norm_from(mean: Tensor, var: Tensor, count: int, cfg: NAMMConfig, where: Path) -> NormStats:
-    mean, var = mean.reshape(-1).to(torch.float64), var.reshape(-1).to(torch.float64)
-    if mean.numel() != cfg.n_bins or var.numel() != cfg.n_bins:
-        raise ValueError(f"{where}: norm stats have {mean.numel()}/{var.numel()} bins, expected {cfg.n_bins}")
-    if count == 0:
-        return NormStats.empty()
-    return NormStats(mean, var, count)
-
-
-def _load_reference(path: Path) -> tuple[Tensor, NormStats, NAMMConfig, dict[str, Any]]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise ValueError(f"{path}: cannot read torch checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("evolution_state"), dict):
-        raise ValueError(f"{path}: not a reference NAMM checkpoint (no 'evolution_state' dict)")
-    state = _strip_prefix(ckpt["evolution_state"])
-    keys = ["mean"] + [_REF_NORM_PREFIX + s for s in ("output_mean", "output_var", "output_num")]
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise ValueError(f"{path}: evolution_state lacks keys {missing}")
-    cfg = NAMMConfig()
-    theta = torch.as_tensor(state["mean"]).detach().float().reshape(-1)
-    _check_theta(theta, cfg, path)
-    count = int(torch.as_tensor(state[_REF_NORM_PREFIX + "output_num"]).max())
-    norm = _norm_from(torch.as_tensor(state[keys[1]]), torch.as_tensor(state[keys[2]]), count, cfg, path)
-    prov = {k: (v.item() if isinstance(v, Tensor) and v.numel() == 1 else v)
-            for k, v in ckpt.items() if k in ("iter_num", "best_val_loss")}
-    return theta, norm, cfg, {"format": "evo-memory-torch", "provenance": prov}
-
-
-def _load_any(path: str | os.PathLike) -> tuple[Tensor, NormStats, NAMMConfig, dict[str, Any]]:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"NAMM checkpoint not found: {p}")
-    if p.is_dir():
-        if (p / WEIGHTS_FILE).is_file():
-            return _load_ours(p / WEIGHTS_FILE)
-        if (p / "ckpt.pt").is_file():
-            return _load_reference(p / "ckpt.pt")
-        raise ValueError(f"{p}: directory holds neither {WEIGHTS_FILE} nor a reference ckpt.pt")
-    if p.suffix == ".safetensors":
-        return _load_ours(p)
-    if p.suffix in (".pt", ".pth"):
-        return _load_reference(p)
-    raise ValueError(f"{p}: unknown NAMM checkpoint format (want a directory, .safetensors or .pt)")
-
-
-def load_namm(path: str | os.PathLike) -> tuple[Tensor, NormStats, NAMMConfig]:
-    """Load theta, norm stats and config from our directory/safetensors or a reference torch .pt."""
-    theta, norm, cfg, _ = _load_any(path)
-    return theta, norm, cfg
-
-
-def inspect_namm(path: str | os.PathLike) -> dict[str, Any]:
-    """Summary for `namm inspect`: format, config, parameter count and norms, norm stats, provenance."""
-    theta, norm, cfg, meta = _load_any(path)
-    params = NAMMParams.from_flat(theta, cfg)
-    names = ("w_qkv", "b_qkv", "w_o", "b_o", "w_m", "b_m")
-    blocks = {name: float(block.norm()) for name, block in zip(names, params.blocks())}
-    summary: dict[str, Any] = {
-        "path": str(path),
-        "format": meta["format"],
-        "config": asdict(cfg),
-        "param_count": theta.numel(),
-        "theta": {"l2": float(theta.norm()), "abs_max": float(theta.abs().max()),
-                  "nonzero": int((theta != 0).sum()), "block_l2": blocks},
-        "norm": {"count": norm.count},
-        "provenance": meta["provenance"],
-    }
-    if norm.count > 0:
-        std = norm.var.sqrt()
-        summary["norm"]["mean"] = [round(float(v), 6) for v in norm.mean]
-        summary["norm"]["std"] = [round(float(v), 6) for v in std]
-    return summary
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
