@@ -14,7 +14,10 @@ same (video tokens, hidden) rows, which is all `video_features` relies on.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,12 +28,220 @@ from transformers import PreTrainedModel
 from adapters.base import Adapter, greedy_decode
 from transfer.memory import KVMemory
 
+# ------------------------------------------------------------------------------------ runtime of the tiny model
+# Everything evaluation needs to run the shipped tiny model (prompt, processor, tokenizer files); the
+# trainer (train/video.py) builds on these and adds only what training needs (vocabulary, data, loop).
+VIDEO_TOKEN = "<video>"
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN, VIDEO_TOKEN]
+PATCH = 14
+TINY_SIZE = 112  # the tiny model's square frames (8 x 8 patches, pooled 2x2 to 16 tokens)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def build_prompt(question_text: str, visual: str = VIDEO_TOKEN) -> str:
+    """LLaVA-NeXT-Video's USER/ASSISTANT template (the one the shipped tiny model is trained with).
+
+    ``visual`` is what stands for the video: one ``<video>`` placeholder (all frames), or with subtitles
+    an interleaved string holding one placeholder per frame (see ``LlavaNextVideoAdapter.encode``).
+    """
+    return f"USER: {visual}\n{question_text} ASSISTANT:"
+
 
 def default_prompt(question: str) -> str:
-    """LLaVA-NeXT-Video's USER/ASSISTANT template (the one the shipped tiny model is trained with)."""
-    from train.video import build_prompt
-
+    """The prompt every question gets unless the evaluator passes its own ``prompt_fn``."""
     return build_prompt(question)
+
+
+def build_word_tokenizer(texts: Sequence[str]) -> Any:
+    """Word-level tokenizer over the words of ``texts`` (``tokenizers`` WordLevel + Whitespace).
+
+    The tiny model's vocabulary is every word its prompts can hold, so nothing maps to ``<unk>``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)} - set(SPECIAL_TOKENS))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, VIDEO_TOKEN]})
+    return fast
+
+
+def resize_frames(frames: np.ndarray, size: int | None) -> np.ndarray:
+    """Resize (F, H, W, 3) uint8 frames to size x size with antialiased bilinear filtering.
+
+    Done in torch after decoding so that every video backend gives identical pixels for one video.
+    """
+    if size is None or frames.shape[1:3] == (size, size):
+        return frames
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (F, 3, H, W)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: video processor config not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid processor config ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: invalid processor config (expected a JSON object)")
+    return data
+
+
+@dataclass
+class TinyVideoProcessor:
+    """Torch-only stand-in for ``LlavaNextVideoProcessor`` (same outputs for square frames of ``size``).
+
+    Frames are resized to size x size (antialiased bilinear; HF uses bicubic, identical when the input
+    is already ``size``), rescaled to [0, 1] and CLIP-normalised; each ``<video>`` placeholder is
+    expanded to frames x tokens_per_frame video tokens.
+    """
+
+    tokenizer: Any
+    size: int = TINY_SIZE
+    patch_size: int = PATCH
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+    video_token: str = VIDEO_TOKEN
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.size // self.patch_size) ** 2 // 4  # 2x2 average pooling of the patch grid
+
+    def preprocess_video(self, frames: Any) -> torch.Tensor:
+        """(F, H, W, 3) uint8 -> (F, 3, size, size) float."""
+        x = torch.as_tensor(resize_frames(np.asarray(frames), self.size)).permute(0, 3, 1, 2).float() / 255.0
+        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, text: str | list[str], videos: Any = None, return_tensors: str = "pt") -> dict:
+        texts = [text] if isinstance(text, str) else list(text)
+        vids = [] if videos is None else ([videos] if np.asarray(videos[0]).ndim == 3 else list(videos))
+        n_placeholders = sum(t.count(self.video_token) for t in texts)
+        if n_placeholders != len(vids):
+            raise ValueError(f"{n_placeholders} {self.video_token} placeholders but {len(vids)} videos")
+        pixel = [self.preprocess_video(v) for v in vids]
+        expanded, k = [], 0
+        for t in texts:
+            parts = t.split(self.video_token)
+            out = parts[0]
+            for p in parts[1:]:
+                out += self.video_token * (pixel[k].shape[0] * self.tokens_per_frame) + p
+                k += 1
+            expanded.append(out)
+        enc = self.tokenizer(expanded, return_tensors="pt", padding=True)
+        result = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if pixel:
+            result["pixel_values_videos"] = torch.stack(pixel)  # (videos, F, 3, H, W)
+        return result
+
+    def batch_decode(self, ids: Any, **kw: Any) -> list[str]:
+        return self.tokenizer.batch_decode(ids, **kw)
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Tokenizer files plus HF-style processor configs (``LlavaNextVideoProcessor`` keys)."""
+        out_dir = Path(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        proc = {"processor_class": "LlavaNextVideoProcessor", "patch_size": self.patch_size,
+                "vision_feature_select_strategy": "default", "video_token": self.video_token,
+                "image_token": IMAGE_TOKEN, "num_additional_image_tokens": 1}
+        video = {"video_processor_type": "LlavaNextVideoVideoProcessor", "processor_class": "LlavaNextVideoProcessor",
+                 "do_resize": True, "size": {"shortest_edge": self.size}, "do_center_crop": True,
+                 "crop_size": {"height": self.size, "width": self.size}, "do_rescale": True,
+                 "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(self.image_mean),
+                 "image_std": list(self.image_std), "do_convert_rgb": True, "resample": 3}
+        image = {**{k: v for k, v in video.items() if k != "video_processor_type"},
+                 "image_processor_type": "LlavaNextImageProcessor", "image_grid_pinpoints": [[self.size, self.size]],
+                 "do_pad": True}
+        for name, cfg in [("processor_config.json", proc), ("video_preprocessor_config.json", video),
+                          ("preprocessor_config.json", image)]:
+            (out_dir / name).write_text(json.dumps(cfg, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> TinyVideoProcessor:
+        """Read what ``save_pretrained`` wrote; a missing or malformed file is an error, never a default."""
+        from transformers import PreTrainedTokenizerFast
+
+        path = Path(path)
+        video = _read_config(path / "video_preprocessor_config.json")
+        proc = _read_config(path / "processor_config.json")
+        try:
+            size = int(video["crop_size"]["height"])
+            kwargs = dict(patch_size=int(proc["patch_size"]), image_mean=tuple(video["image_mean"]),
+                          image_std=tuple(video["image_std"]), video_token=str(proc["video_token"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: processor config lacks or garbles {e} (TinyVideoProcessor's keys)") from e
+        if int(video["crop_size"]["width"]) != size:
+            raise ValueError(f"{path}: TinyVideoProcessor takes square frames, config crops {video['crop_size']}")
+        return cls(PreTrainedTokenizerFast.from_pretrained(path), size=size, **kwargs)
+
+
+def is_tiny_model_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a model this project's trainer wrote: a word-level tokenizer and the processor
+    files of ``TinyVideoProcessor.save_pretrained``. Real LLaVA-NeXT-Video checkpoints use subword
+    tokenizers, so they never match."""
+    path = Path(path)
+    tok = path / "tokenizer.json"
+    if not (tok.is_file() and (path / "video_preprocessor_config.json").is_file()
+            and (path / "processor_config.json").is_file()):
+        return False
+    try:
+        return json.loads(tok.read_text()).get("model", {}).get("type") == "WordLevel"
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+_warned_fallback = False
+
+
+def load_processor(path: str | Path) -> Any:
+    """HF's ``LlavaNextVideoProcessor``; ``TinyVideoProcessor`` only for our tiny model where HF's cannot be built.
+
+    HF's video processor needs torchvision (absent from the tested CPU stack). That ImportError, for a
+    folder our trainer wrote, is the one case that falls back, with a warning printed once; any other
+    failure (a broken config, a real checkpoint without torchvision) is a one-line error, because a
+    silently substituted processor would preprocess a real model's frames wrongly.
+    """
+    global _warned_fallback
+    try:
+        from transformers import LlavaNextVideoProcessor
+
+        return LlavaNextVideoProcessor.from_pretrained(path)
+    except ImportError as e:
+        if not is_tiny_model_dir(path):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path}: LlavaNextVideoProcessor cannot be built ({first}); install torchvision") from e
+        if not _warned_fallback:
+            print(f"warning: transformers' LlavaNextVideoProcessor is unavailable ({type(e).__name__}: "
+                  "torchvision missing?); using the torch-only TinyVideoProcessor for this project's tiny model "
+                  "(same preprocessing for its square frames)", file=sys.stderr, flush=True)
+            _warned_fallback = True
+        return TinyVideoProcessor.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path}: cannot load the LLaVA-NeXT-Video processor ({type(e).__name__}: {first})") from e
+
+
+def processor_frame_size(processor: Any) -> int | None:
+    """Square side the frames must be resized to before the processor (the tiny one), else None (HF resizes)."""
+    size = getattr(processor, "size", None)
+    return size if isinstance(size, int) else None
 
 
 class LlavaNextVideoAdapter(Adapter):
@@ -43,10 +254,8 @@ class LlavaNextVideoAdapter(Adapter):
 
     @classmethod
     def from_pretrained(cls, id_or_path: str, device: str = "cpu", dtype: Any = None) -> LlavaNextVideoAdapter:
-        """Model + processor (HF's where torchvision exists, else the torch-only TinyVideoProcessor)."""
+        """Model + processor (HF's where it can be built, else TinyVideoProcessor: see load_processor)."""
         from transformers import LlavaNextVideoForConditionalGeneration
-
-        from train.video import load_processor
 
         looks_local = str(id_or_path).startswith((".", "/")) or Path(id_or_path).exists()
         if looks_local and not (Path(id_or_path) / "config.json").is_file():
@@ -163,21 +372,28 @@ class LlavaNextVideoAdapter(Adapter):
     ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
         """Pixels once, token ids per prompt, and where the shared video context ends.
 
-        Returns pixel_values_videos (1, frames, 3, H, W), ids [(1, n_i)] and `split`: every prompt's
-        first `split` ids (up to and including the last video token) are identical.
+        A prompt holds either one video placeholder (all frames, in order) or one placeholder per frame
+        (text such as subtitles interleaved between frames): the frames then go in as one-frame videos,
+        which gives the same features because LLaVA-NeXT-Video encodes and pools every frame on its own.
+        Returns pixel_values_videos (videos, frames per video, 3, H, W), ids [(1, n_i)] and `split`:
+        every prompt's first `split` ids (up to and including the last video token) are identical.
         """
         if self.processor is None:
             raise ValueError("this adapter has no processor; build it with from_pretrained or pass one")
         if not prompts:
             raise ValueError("no questions given")
         proc = self.processor
+        n_frames = len(frames)
+        n_slots = prompts[0].count(proc.video_token)
         for p in prompts:
-            if p.count(proc.video_token) != 1:
-                raise ValueError(f"prompt {p!r} needs exactly one video placeholder ({proc.video_token})")
-        enc = proc(text=prompts[0], videos=frames, return_tensors="pt")
+            if p.count(proc.video_token) != n_slots or n_slots not in (1, n_frames):
+                raise ValueError(f"prompt {p!r} needs exactly one video placeholder ({proc.video_token}) "
+                                 f"or one per frame ({n_frames}), the same in every prompt")
+        videos = frames if n_slots == 1 else [frames[i : i + 1] for i in range(n_frames)]
+        enc = proc(text=prompts[0], videos=videos, return_tensors="pt")
         first = enc["input_ids"]
-        n_video = int((first == self.video_token_id).sum())
-        # The other prompts only need tokens: expand the placeholder as the processor did.
+        n_video = int((first == self.video_token_id).sum()) // n_slots  # video tokens per placeholder
+        # The other prompts only need tokens: expand the placeholders as the processor did.
         tokenizer = getattr(proc, "tokenizer", proc)
         ids = [
             tokenizer(p.replace(proc.video_token, proc.video_token * n_video), return_tensors="pt")["input_ids"]

@@ -1,8 +1,10 @@
-"""Video QA benchmarks from local files: LongVideoBench (val) and MLVU (dev), lmms-eval conventions.
+"""Video QA benchmarks from local files: LongVideoBench (val, test) and MLVU (dev), lmms-eval conventions.
 
 Both load into one ``VideoQAExample`` list so that evaluators, memory policies and tables never see a
 benchmark-specific record. Prompts and answer extraction follow lmms-eval (``longvideobench_val_v`` and
-``mlvu_dev``) so that full-cache numbers are comparable with published ones.
+``mlvu_dev``) so that full-cache numbers are comparable with published ones. LongVideoBench subtitles
+are placed between frames by the official loader's rule (``interleave_subtitles``); its test split has
+no answers and is written in lmms-eval's submission format (``lvb_submission``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ ANSWER_PREFIXES = (
 )
 # MLVU json files of the dev split (MLVU repo / HF MVLU layout: <root>/json/<n>_<task>.json).
 MLVU_DEV_TASKS = ("plotQA", "needle", "ego", "count", "order", "anomaly_reco", "topic_reasoning")
+# LongVideoBench annotation files per split (HF dataset longvideobench/LongVideoBench, official loader's names).
+LVB_SPLITS = {"val": "lvb_val.json", "test": "lvb_test_wo_gt.json"}
+# lmms-eval's test-split output: longvideobench_aggregate_results_for_submission in
+# lmms_eval/tasks/longvideobench/utils.py writes {question id: raw model reply} to this file name.
+LVB_SUBMISSION_FILE = "longvideobench_test_for_submission.json"
 
 
 @dataclass
@@ -41,10 +48,12 @@ class VideoQAExample:
     video_path: str
     question: str
     options: list[str]
-    answer_letter: str
+    answer_letter: str  # "" where the split has no answers (LongVideoBench test)
     prompt: str
     groups: dict[str, str] = field(default_factory=dict)  # e.g. duration_group, question_category, task
     duration: float | None = None
+    subtitle_path: str | None = None  # LongVideoBench: <data>/subtitles/<subtitle_path>
+    subtitle_offset: float | None = None  # LongVideoBench's starting_timestamp_for_subtitles (seconds)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,44 +139,156 @@ def _lvb_options(row: dict) -> list[str]:
     return [o for o in opts if o != "N/A"]
 
 
-def load_longvideobench(
-    data_dir: str | Path, json_name: str = "lvb_val.json", video_subdir: str = "videos"
-) -> list[VideoQAExample]:
-    """LongVideoBench validation split from local files (``<data_dir>/lvb_val.json`` + ``videos/``).
+def load_longvideobench(data_dir: str | Path, split: str = "val", video_subdir: str = "videos") -> list[VideoQAExample]:
+    """LongVideoBench from local files: ``<data_dir>/lvb_val.json`` (or ``lvb_test_wo_gt.json``) + ``videos/``.
 
     Accepts both the repo json layout (``candidates`` list) and the HF parquet layout (``option0..4``
-    with "N/A" padding). Video paths are resolved as ``<data_dir>/<video_subdir>/<video_path>``.
+    with "N/A" padding). Video paths are resolved as ``<data_dir>/<video_subdir>/<video_path>`` and
+    subtitle paths as ``<data_dir>/subtitles/<subtitle_path>``, as the official loader does. The test
+    split has no ``correct_choice``: its examples get ``answer_letter == ""``.
     """
+    if split not in LVB_SPLITS:
+        raise ValueError(f"unknown LongVideoBench split {split!r}; choose from: {', '.join(LVB_SPLITS)}")
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"{data_dir}: LongVideoBench data directory not found")
-    json_path = data_dir / json_name
+    json_path = data_dir / LVB_SPLITS[split]
     rows = _read_json(json_path)
+    required = ("question", "video_path") + (("correct_choice",) if split == "val" else ())
     out = []
     for i, row in enumerate(rows):
-        missing = [k for k in ("question", "correct_choice", "video_path") if k not in row]
+        missing = [k for k in required if k not in row]
         if missing:
             raise ValueError(f"{json_path}: record {i} lacks {', '.join(missing)}")
         options = _lvb_options(row)
-        choice = int(row["correct_choice"])
-        if not 0 <= choice < len(options) or len(options) > len(LETTERS):
-            raise ValueError(f"{json_path}: record {i} has correct_choice {choice} for {len(options)} options")
+        if not 1 <= len(options) <= len(LETTERS):
+            raise ValueError(f"{json_path}: record {i} has {len(options)} options (1-{len(LETTERS)} allowed)")
+        answer = ""
+        if row.get("correct_choice") is not None:
+            choice = int(row["correct_choice"])
+            if not 0 <= choice < len(options):
+                raise ValueError(f"{json_path}: record {i} has correct_choice {choice} for {len(options)} options")
+            answer = LETTERS[choice]
+        offset = row.get("starting_timestamp_for_subtitles")
         out.append(
             VideoQAExample(
                 id=str(row.get("id", i)),
                 video_path=str(data_dir / video_subdir / row["video_path"]),
                 question=row["question"],
                 options=options,
-                answer_letter=LETTERS[choice],
+                answer_letter=answer,
                 prompt=lvb_prompt(row["question"], options),
                 groups={
                     "duration_group": str(row.get("duration_group", "")),
                     "question_category": str(row.get("question_category", "")),
                 },
                 duration=float(row["duration"]) if row.get("duration") is not None else None,
+                subtitle_path=str(data_dir / "subtitles" / row["subtitle_path"]) if row.get("subtitle_path") else None,
+                subtitle_offset=float(offset) if offset is not None else None,
             )
         )
     return out
+
+
+def lvb_submission(ids: list[str], replies: list[str]) -> dict[str, str]:
+    """lmms-eval's LongVideoBench test submission: {question id: raw model reply}, one entry per question."""
+    if len(ids) != len(replies) or len(set(ids)) != len(ids):
+        raise ValueError(f"need one reply per distinct question id, got {len(ids)} ids / {len(replies)} replies")
+    return dict(zip(ids, replies))
+
+
+# --------------------------------------------------------------------------------------------- subtitles
+# The official LongVideoBench loader (github.com/longvideobench/LongVideoBench,
+# longvideobench/longvideobench_dataset.py: insert_subtitles_into_frames) places subtitles between frames;
+# lmms-eval's longvideobench task uses the same function. Two subtitle formats exist:
+#   {"timestamp": [start, end], "text": ...} with seconds (end may be null), and
+#   {"start": "HH:MM:SS.fff", "end": "HH:MM:SS.fff", "line": ...}.
+def timestamp_to_seconds(timestamp: str) -> float:
+    """'HH:MM:SS.fff' -> seconds."""
+    try:
+        h, m, s = str(timestamp).split(":")
+        return int(h) * 3600 + int(m) * 60 + float(s)
+    except ValueError as e:
+        raise ValueError(f"bad subtitle timestamp {timestamp!r} (expected HH:MM:SS.fff)") from e
+
+
+def load_subtitles(path: str | Path) -> list[dict]:
+    """A LongVideoBench subtitle file: a JSON list in either format above; anything else is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: subtitle file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid json ({e})") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of subtitles, got {type(data).__name__}")
+    for i, sub in enumerate(data):
+        ok = isinstance(sub, dict) and (
+            ("timestamp" in sub and "text" in sub and isinstance(sub["timestamp"], list) and len(sub["timestamp"]) == 2
+             and isinstance(sub["timestamp"][0], (int, float)))
+            or all(k in sub for k in ("start", "end", "line"))
+        )
+        if not ok:
+            raise ValueError(f"{path}: subtitle {i} is neither {{timestamp: [start, end], text}} "
+                             "nor {start, end, line}")
+    return data
+
+
+def subtitle_span(subtitle: dict, offset: float, duration: float) -> tuple[float, float, str]:
+    """(start, end, text) in video seconds, as the official loader computes them.
+
+    In the ``timestamp`` format an end that is not a float (null, and, as in the official code, also an
+    integer) means "until the end of the video", i.e. ``duration``; both ends are then shifted by the
+    clip's ``starting_timestamp_for_subtitles``.
+    """
+    if "timestamp" in subtitle:
+        start, end = subtitle["timestamp"]
+        if not isinstance(end, float):
+            end = duration
+        text = subtitle["text"]
+    else:
+        start, end = timestamp_to_seconds(subtitle["start"]), timestamp_to_seconds(subtitle["end"])
+        text = subtitle["line"]
+    return start - offset, end - offset, str(text)
+
+
+def interleave_subtitles(
+    frame_timestamps: list[float], subtitles: list[dict], offset: float, duration: float
+) -> list[int | str]:
+    """Frames (their positions 0..F-1) and subtitle texts in the order the official loader gives them.
+
+    For each subtitle in file order: every frame not yet placed whose time is <= the subtitle's midpoint
+    comes first; the text then follows if some frame (any, placed or not) lies strictly inside the
+    subtitle's span, widened to midpoint +- 0.5 s when shorter than a second; else it is left out.
+    Frames after the last subtitle close the list.
+    """
+    out: list[int | str] = []
+    cur = 0
+    for sub in subtitles:
+        start, end, text = subtitle_span(sub, offset, duration)
+        mid = (start + end) / 2
+        while cur < len(frame_timestamps) and frame_timestamps[cur] <= mid:
+            out.append(cur)
+            cur += 1
+        if end - start < 1:
+            start, end = mid - 0.5, mid + 0.5
+        if any(start < t < end for t in frame_timestamps):
+            out.append(text)
+    out.extend(range(cur, len(frame_timestamps)))
+    return out
+
+
+def parse_mlvu_tasks(text: str | None) -> tuple[str, ...]:
+    """'needle,count' -> the selected MLVU dev tasks in the benchmark's order; None or '' -> all seven."""
+    if not text:
+        return MLVU_DEV_TASKS
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in MLVU_DEV_TASKS]
+    if unknown or not names:
+        raise ValueError(f"unknown MLVU task(s) {', '.join(unknown) or repr(text)}; choose from: "
+                         f"{', '.join(MLVU_DEV_TASKS)}")
+    return tuple(t for t in MLVU_DEV_TASKS if t in names)
 
 
 def load_mlvu_dev(data_dir: str | Path, tasks: tuple[str, ...] = MLVU_DEV_TASKS) -> list[VideoQAExample]:
@@ -255,13 +376,18 @@ def lvb_metrics(examples: list[VideoQAExample], letters: list[str]) -> dict:
 
 
 def mlvu_metrics(examples: list[VideoQAExample], letters: list[str]) -> dict:
-    """MLVU M-Avg: unweighted mean of per-task accuracies (plus micro accuracy for reference)."""
+    """MLVU M-Avg: unweighted mean of per-task accuracies (plus micro accuracy for reference).
+
+    ``m_avg_tasks`` names the tasks the mean is over (those with answered questions), so an M-Avg over
+    a subset is never mistaken for the seven-task one.
+    """
     if not examples or len(examples) != len(letters):
         raise ValueError(f"need matching non-empty examples/letters, got {len(examples)}/{len(letters)}")
     by_task = accuracy_by(examples, letters, "task")
     correct = [letter == ex.answer_letter for ex, letter in zip(examples, letters)]
     return {
         "m_avg": sum(by_task.values()) / len(by_task),
+        "m_avg_tasks": [t for t in MLVU_DEV_TASKS if t in by_task] + sorted(set(by_task) - set(MLVU_DEV_TASKS)),
         "acc": sum(correct) / len(correct),
         "n": len(correct),
         "by_task": by_task,

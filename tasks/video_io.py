@@ -1,27 +1,55 @@
 """Video frame reading for the video QA evaluators.
 
-Frames are sampled uniformly over the whole clip exactly as lmms-eval's ``llava_hf`` model does
-(``np.linspace(0, n - 1, num_frames, dtype=int)``), so a frame budget means the same thing here as in
-published numbers. PyAV is the main reader (transformers' default backend); decord (the ``decord2``
-package) is an alternative that seeks instead of decoding every frame.
+Two frame-sampling rules (``FRAME_SAMPLINGS``):
+
+- ``lmms-eval`` (default): ``np.linspace(0, n - 1, num_frames, dtype=int)`` over the container's n
+  frames, exactly as lmms-eval's ``llava_hf`` model does, so a frame budget means the same thing here
+  as in published lmms-eval numbers;
+- ``lvb-official``: the official LongVideoBench loader's rule (``load_video`` in
+  github.com/longvideobench/LongVideoBench, ``longvideobench/longvideobench_dataset.py``): with the
+  annotation's ``duration`` and the container's average fps, ``total = int(duration * fps)``,
+  ``num = min(num_frames, int(duration))`` (at most one frame a second) and frame i is
+  ``int(total / num) * i``; frame timestamps are ``index / fps``.
+
+PyAV is the main reader (transformers' default backend); decord (the ``decord2`` package) is an
+alternative that seeks instead of decoding every frame.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from adapters.llava_next_video import resize_frames
+
 BACKENDS = ("pyav", "decord", "auto")
+FRAME_SAMPLINGS = ("lmms-eval", "lvb-official")
 
 
 class VideoError(ValueError):
     """A video that cannot be read: missing, corrupt, truncated or empty."""
 
 
+@dataclass
+class Clip:
+    """Sampled frames with where they came from: ``timestamps`` (seconds) place subtitles between them."""
+
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    indices: np.ndarray  # (F,) container frame indices
+    fps: float  # the container's average frame rate
+    total: int  # frames the container holds (or decoded, when it does not say)
+
+    @property
+    def timestamps(self) -> list[float]:
+        return [int(i) / self.fps for i in self.indices]
+
+
 def sample_indices(total: int, num_frames: int) -> np.ndarray:
-    """Uniform frame indices over ``total`` frames (duplicates when the clip is shorter)."""
+    """lmms-eval's rule: uniform frame indices over ``total`` frames (duplicates when the clip is shorter)."""
     if total <= 0:
         raise ValueError(f"total frames must be positive, got {total}")
     if num_frames <= 0:
@@ -29,19 +57,32 @@ def sample_indices(total: int, num_frames: int) -> np.ndarray:
     return np.linspace(0, total - 1, num_frames, dtype=int)
 
 
-def resize_frames(frames: np.ndarray, size: int | None) -> np.ndarray:
-    """Resize (F, H, W, 3) uint8 frames to size x size with antialiased bilinear filtering.
+def lvb_official_indices(duration: float, fps: float, max_frames: int) -> np.ndarray:
+    """The official LongVideoBench loader's rule: at most one frame a second, ``int(total / num) * i``.
 
-    Done in torch after decoding so that both backends give identical pixels for the same video.
+    Official code divides by ``int(duration)``, which is zero for clips under a second; here such a clip
+    gets its first frame (index 0) instead of a ZeroDivisionError.
     """
-    if size is None or frames.shape[1:3] == (size, size):
-        return frames
-    import torch
-    import torch.nn.functional as F
+    if max_frames <= 0:
+        raise ValueError(f"num_frames must be positive, got {max_frames}")
+    if not (duration > 0 and fps > 0):
+        raise ValueError(f"lvb-official sampling needs a positive duration and fps, got {duration} s at {fps} fps")
+    total_valid = int(duration * fps)
+    num = max(1, min(max_frames, int(duration)))
+    step = int(total_valid / num)
+    return np.array([step * i for i in range(num)], dtype=int)
 
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()  # (F, 3, H, W)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+def frame_chooser(sampling: str, num_frames: int, duration: float | None = None) -> Callable[[int, float], np.ndarray]:
+    """(container frames, fps) -> indices for one sampling rule; ``duration`` (seconds) for lvb-official,
+    taken from the container (frames / fps) when the annotation gives none."""
+    if sampling not in FRAME_SAMPLINGS:
+        raise ValueError(f"unknown frame sampling {sampling!r}; choose one of {', '.join(FRAME_SAMPLINGS)}")
+    if num_frames <= 0:
+        raise ValueError(f"num_frames must be positive, got {num_frames}")
+    if sampling == "lmms-eval":
+        return lambda total, fps: sample_indices(total, num_frames)
+    return lambda total, fps: lvb_official_indices(duration if duration is not None else total / fps, fps, num_frames)
 
 
 def _check_args(path: Path, num_frames: int, size: int | None, backend: str) -> None:
@@ -57,30 +98,36 @@ def _check_args(path: Path, num_frames: int, size: int | None, backend: str) -> 
         raise VideoError(f"{path}: video file is empty (0 bytes)")
 
 
-def _read_pyav(path: Path, num_frames: int) -> np.ndarray:
+def _read_pyav(path: Path, choose: Callable[[int, float], np.ndarray]) -> Clip:
     import av
 
     def to_array(frame) -> np.ndarray:
         return frame.to_ndarray(format="rgb24")
 
+    n_decoded, total = 0, 0
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoError(f"{path}: no video stream in file")
             stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else 0.0
+            if fps <= 0:
+                raise VideoError(f"{path}: the video stream has no frame rate")
             total = int(stream.frames or 0)
             if total <= 0:
                 # Container without a frame count (some mkv/webm): decode everything once.
                 frames = [to_array(f) for f in container.decode(stream)]
                 if not frames:
                     raise VideoError(f"{path}: no decodable frames")
-                idx = sample_indices(len(frames), num_frames)
-                return np.stack([frames[i] for i in idx])
-            idx = sample_indices(total, num_frames)
+                idx = choose(len(frames), fps)
+                if int(idx[-1]) >= len(frames):
+                    raise VideoError(f"{path}: only {len(frames)} frames decode; the sampling needs frame {idx[-1]}")
+                return Clip(np.stack([frames[i] for i in idx]), idx, fps, len(frames))
+            idx = choose(total, fps)
             wanted = set(idx.tolist())
             last = int(idx[-1])
             got: dict[int, np.ndarray] = {}
-            n_decoded = 0
             for i, frame in enumerate(container.decode(stream)):
                 n_decoded = i + 1
                 if i in wanted:
@@ -90,29 +137,73 @@ def _read_pyav(path: Path, num_frames: int) -> np.ndarray:
     except VideoError:
         raise
     except Exception as e:  # PyAV raises many error types (InvalidDataError, EOFError, ...)
-        raise VideoError(f"{path}: cannot decode video with PyAV ({type(e).__name__}: {e})") from e
+        where = f": only {n_decoded} of its {total} frames decode" if total else ""
+        raise VideoError(f"{path}: cannot decode video with PyAV{where} ({type(e).__name__}: {e})") from e
     if len(got) < len(wanted):
-        raise VideoError(f"{path}: truncated video, decoded {n_decoded} of {total} frames")
-    return np.stack([got[i] for i in idx.tolist()])
+        raise VideoError(f"{path}: truncated video: only {n_decoded} of its {total} frames decode, "
+                         f"{len(got)} of the {len(wanted)} sampled frames (up to index {last})")
+    return Clip(np.stack([got[i] for i in idx.tolist()]), idx, fps, total)
 
 
-def _read_decord(path: Path, num_frames: int) -> np.ndarray:
+def _read_decord(path: Path, choose: Callable[[int, float], np.ndarray]) -> Clip:
     import decord
 
+    total = 0
     try:
         vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
         total = len(vr)
         if total <= 0:
             raise VideoError(f"{path}: no decodable frames")
-        idx = sample_indices(total, num_frames)
+        fps = float(vr.get_avg_fps())
+        if fps <= 0:
+            raise VideoError(f"{path}: the video stream has no frame rate")
+        idx = choose(total, fps)
         frames = vr.get_batch(idx.tolist())
         out = frames.asnumpy() if hasattr(frames, "asnumpy") else np.asarray(frames)
     except VideoError:
         raise
     except Exception as e:  # decord raises DECORDError / RuntimeError on bad data
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise VideoError(f"{path}: cannot decode video with decord ({type(e).__name__}: {msg})") from e
-    return np.ascontiguousarray(out, dtype=np.uint8)
+        where = f" ({total} frames in the container)" if total else ""
+        raise VideoError(f"{path}: cannot decode video with decord{where} ({type(e).__name__}: {msg})") from e
+    return Clip(np.ascontiguousarray(out, dtype=np.uint8), idx, fps, total)
+
+
+def read_video(
+    path: str | os.PathLike,
+    num_frames: int = 32,
+    size: int | None = None,
+    backend: str = "pyav",
+    sampling: str = "lmms-eval",
+    duration: float | None = None,
+) -> Clip:
+    """Sample RGB frames by ``sampling`` (see the module docstring) with their indices and the fps.
+
+    ``size`` resizes every frame to size x size (the tiny models take square frames). ``backend="auto"``
+    tries PyAV and falls back to decord when PyAV is missing or fails. Any unreadable video raises
+    ``VideoError`` naming the file and the cause (for a partly decodable file, how many frames it gave).
+    """
+    path = Path(path)
+    choose = frame_chooser(sampling, num_frames, duration)
+    _check_args(path, num_frames, size, backend)
+    readers = {"pyav": (_read_pyav,), "decord": (_read_decord,), "auto": (_read_pyav, _read_decord)}[backend]
+
+    def read(reader: Callable[[Path, Callable], Clip]) -> Clip:
+        clip = reader(path, choose)
+        clip.frames = resize_frames(clip.frames, size)
+        return clip
+
+    if len(readers) == 1:
+        return read(readers[0])
+    errors = []
+    for reader in readers:
+        try:
+            return read(reader)
+        except ImportError as e:
+            errors.append(f"{reader.__name__[6:]} not installed ({e})")
+        except VideoError as e:
+            errors.append(str(e).removeprefix(f"{path}: "))
+    raise VideoError(f"{path}: no backend could read it: {'; '.join(errors)}")
 
 
 def read_frames(
@@ -121,26 +212,8 @@ def read_frames(
     size: int | None = None,
     backend: str = "pyav",
 ) -> np.ndarray:
-    """Read ``num_frames`` uniformly spaced RGB frames, shape (F, H, W, 3) uint8.
-
-    ``size`` resizes every frame to size x size (the tiny models take square frames). ``backend="auto"``
-    tries PyAV and falls back to decord when PyAV is missing or fails. Any unreadable video raises
-    ``VideoError`` naming the file and the cause.
-    """
-    path = Path(path)
-    _check_args(path, num_frames, size, backend)
-    readers = {"pyav": (_read_pyav,), "decord": (_read_decord,), "auto": (_read_pyav, _read_decord)}[backend]
-    if len(readers) == 1:
-        return resize_frames(readers[0](path, num_frames), size)
-    errors = []
-    for reader in readers:
-        try:
-            return resize_frames(reader(path, num_frames), size)
-        except ImportError as e:
-            errors.append(f"{reader.__name__[6:]} not installed ({e})")
-        except VideoError as e:
-            errors.append(str(e).removeprefix(f"{path}: "))
-    raise VideoError(f"{path}: no backend could read it: {'; '.join(errors)}")
+    """``num_frames`` uniformly spaced RGB frames (lmms-eval's rule), shape (F, H, W, 3) uint8."""
+    return read_video(path, num_frames, size, backend).frames
 
 
 def write_mp4(

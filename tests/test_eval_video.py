@@ -11,11 +11,11 @@ import torch
 from conftest import random_namm_theta
 from test_video_adapter import SIZE, tiny_llava
 
-from adapters.llava_next_video import LlavaNextVideoAdapter
+from adapters.llava_next_video import LlavaNextVideoAdapter, TinyVideoProcessor
 from eval import video
 from tasks.synth_video import render, sample_spec
 from tasks.video_io import write_mp4
-from train.video import TinyVideoProcessor, build_tokenizer
+from train.video import build_tokenizer
 from transfer.checkpoint import save_namm
 from transfer.namm import NAMMConfig, NormStats
 

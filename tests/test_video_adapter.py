@@ -7,8 +7,14 @@ import pytest
 import torch
 from conftest import Replay, random_namm_theta
 
-from adapters.llava_next_video import LlavaNextVideoAdapter
-from train.video import IMAGE_TOKEN, VIDEO_TOKEN, TinyVideoProcessor, build_prompt, build_tokenizer
+from adapters.llava_next_video import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    LlavaNextVideoAdapter,
+    TinyVideoProcessor,
+    build_prompt,
+)
+from train.video import build_tokenizer
 from transfer.namm import NormStats
 from transfer.policies import make_policy
 from transfer.policies.namm import NAMMPolicy
@@ -43,7 +49,7 @@ def tiny_llava(tokenizer, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def tok():
-    return build_tokenizer()
+    return build_tokenizer()  # the tiny model's vocabulary (tests may use the trainer; package code may not)
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def test_lvb_errors(tmp_path):
     with pytest.raises(ValueError, match="correct_choice 7"):
         load_longvideobench(tmp_path)
     write_lvb(tmp_path, [{"question": "q"}])
-    with pytest.raises(ValueError, match="lacks correct_choice, video_path"):
+    with pytest.raises(ValueError, match="lacks video_path, correct_choice"):
         load_longvideobench(tmp_path)
     (tmp_path / "lvb_val.json").write_text("{not json")
     with pytest.raises(ValueError, match="invalid json"):

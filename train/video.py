@@ -8,8 +8,9 @@ GPU box), with codec-like noise so that it also reads the mp4 eval set.
 
     python -m train.video --out runs/video/tiny --steps 0 --time-budget 240 --device cuda
 
-The HF video processor needs torchvision, which the tested CPU stack lacks, so ``TinyVideoProcessor``
-does the same preprocessing in torch and saves HF-style processor files next to the model.
+The model's runtime (prompt template, ``TinyVideoProcessor``, processor loading) lives in
+``adapters/llava_next_video.py``; this module is only the trainer (vocabulary, data, loop, provenance),
+a leaf that nothing but the CLI imports.
 """
 
 from __future__ import annotations
@@ -22,28 +23,27 @@ import random
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adapters.llava_next_video import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGE_TOKEN,
+    PATCH,
+    VIDEO_TOKEN,
+    TinyVideoProcessor,
+    build_prompt,
+    build_word_tokenizer,
+    processor_frame_size,
+)
 from tasks.synth_video import COLORS, COUNT_OPTIONS, QUESTIONS, SIZE, make_questions, render, sample_spec
 from tasks.video_bench import LETTERS, LVB_POST_PROMPT, MLVU_POST_PROMPT, lvb_prompt
 
-VIDEO_TOKEN = "<video>"
-IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN, VIDEO_TOKEN]
-PATCH = 14
 TOKENS_PER_FRAME = (SIZE // PATCH) ** 2 // 4  # 2x2 average pooling of the patch grid
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def build_prompt(question_text: str) -> str:
-    """The chat template the tiny model is trained with (LLaVA-NeXT-Video's USER/ASSISTANT form)."""
-    return f"USER: {VIDEO_TOKEN}\n{question_text} ASSISTANT:"
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -57,121 +57,8 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer():
-    """Word-level tokenizer (``tokenizers`` WordLevel + Whitespace) wrapped for transformers."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    pre = pre_tokenizers.Whitespace()
-    words = sorted({w for t in _corpus() for w, _ in pre.pre_tokenize_str(t)} - set(SPECIAL_TOKENS))
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        model_input_names=["input_ids", "attention_mask"],
-    )
-    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, VIDEO_TOKEN]})
-    return fast
-
-
-# --------------------------------------------------------------------------------------------- processor
-@dataclass
-class TinyVideoProcessor:
-    """Torch-only stand-in for ``LlavaNextVideoProcessor`` (same outputs for square frames of ``size``).
-
-    Frames are resized to size x size (antialiased bilinear; HF uses bicubic, identical when the input
-    is already ``size``), rescaled to [0, 1] and CLIP-normalised; ``<video>`` is expanded to
-    frames x 16 video tokens.
-    """
-
-    tokenizer: object
-    size: int = SIZE
-    patch_size: int = PATCH
-    image_mean: tuple = CLIP_MEAN
-    image_std: tuple = CLIP_STD
-    video_token: str = VIDEO_TOKEN
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return (self.size // self.patch_size) ** 2 // 4
-
-    def preprocess_video(self, frames) -> torch.Tensor:
-        """(F, H, W, 3) uint8 -> (F, 3, size, size) float."""
-        from tasks.video_io import resize_frames
-
-        x = torch.as_tensor(resize_frames(np.asarray(frames), self.size)).permute(0, 3, 1, 2).float() / 255.0
-        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-    def __call__(self, text: str | list[str], videos=None, return_tensors: str = "pt") -> dict:
-        texts = [text] if isinstance(text, str) else list(text)
-        vids = [] if videos is None else ([videos] if np.asarray(videos[0]).ndim == 3 else list(videos))
-        n_placeholders = sum(t.count(self.video_token) for t in texts)
-        if n_placeholders != len(vids):
-            raise ValueError(f"{n_placeholders} {self.video_token} placeholders but {len(vids)} videos")
-        pixel = [self.preprocess_video(v) for v in vids]
-        expanded, k = [], 0
-        for t in texts:
-            parts = t.split(self.video_token)
-            out = parts[0]
-            for p in parts[1:]:
-                out += self.video_token * (pixel[k].shape[0] * self.tokens_per_frame) + p
-                k += 1
-            expanded.append(out)
-        enc = self.tokenizer(expanded, return_tensors="pt", padding=True)
-        result = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if pixel:
-            result["pixel_values_videos"] = torch.stack(pixel)  # (B, F, 3, H, W)
-        return result
-
-    def batch_decode(self, ids, **kw) -> list[str]:
-        return self.tokenizer.batch_decode(ids, **kw)
-
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        """Tokenizer files plus HF-style processor configs (``LlavaNextVideoProcessor`` keys)."""
-        out_dir = Path(out_dir)
-        self.tokenizer.save_pretrained(out_dir)
-        proc = {"processor_class": "LlavaNextVideoProcessor", "patch_size": self.patch_size,
-                "vision_feature_select_strategy": "default", "video_token": self.video_token,
-                "image_token": IMAGE_TOKEN, "num_additional_image_tokens": 1}
-        video = {"video_processor_type": "LlavaNextVideoVideoProcessor", "processor_class": "LlavaNextVideoProcessor",
-                 "do_resize": True, "size": {"shortest_edge": self.size}, "do_center_crop": True,
-                 "crop_size": {"height": self.size, "width": self.size}, "do_rescale": True,
-                 "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(self.image_mean),
-                 "image_std": list(self.image_std), "do_convert_rgb": True, "resample": 3}
-        image = {**{k: v for k, v in video.items() if k != "video_processor_type"},
-                 "image_processor_type": "LlavaNextImageProcessor", "image_grid_pinpoints": [[self.size, self.size]],
-                 "do_pad": True}
-        for name, cfg in [("processor_config.json", proc), ("video_preprocessor_config.json", video),
-                          ("preprocessor_config.json", image)]:
-            (out_dir / name).write_text(json.dumps(cfg, indent=2) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> TinyVideoProcessor:
-        from transformers import PreTrainedTokenizerFast
-
-        path = Path(path)
-        cfg_path = path / "video_preprocessor_config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path}: video processor config not found")
-        video = json.loads(cfg_path.read_text())
-        proc = json.loads((path / "processor_config.json").read_text())
-        return cls(PreTrainedTokenizerFast.from_pretrained(path), size=int(video["crop_size"]["height"]),
-                   patch_size=int(proc["patch_size"]), image_mean=tuple(video["image_mean"]),
-                   image_std=tuple(video["image_std"]), video_token=proc["video_token"])
-
-
-def load_processor(path: str | Path):
-    """The HF processor where it can be built (needs torchvision), else ``TinyVideoProcessor``."""
-    try:
-        from transformers import LlavaNextVideoProcessor
-
-        return LlavaNextVideoProcessor.from_pretrained(path)
-    except Exception:  # noqa: BLE001 - any failure of the optional HF path (no torchvision, config drift)
-        return TinyVideoProcessor.from_pretrained(path)
+    """The tiny model's word-level tokenizer: every word of the synthetic task's prompts."""
+    return build_word_tokenizer(_corpus())
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -293,7 +180,8 @@ def evaluate_lvb(model, processor, data_dir: str | Path, num_frames: int = 32, d
 
 
 def processor_size(processor) -> int:
-    return getattr(processor, "size", SIZE) if isinstance(getattr(processor, "size", None), int) else SIZE
+    """Frame side to decode at: the tiny processor's, else the synthetic videos' own size (HF resizes)."""
+    return processor_frame_size(processor) or SIZE
 
 
 def decode_frames_npz(data_dir: str | Path, out: str | Path, frame_counts=(32, 64)) -> Path:
@@ -350,7 +238,8 @@ def write_provenance(out: Path, metrics: dict) -> None:
         "- data: fresh videos from `tasks.synth_video.sample_spec` rendered in-process (numpy seed = training seed),"
         " codec-like chroma subsampling + noise; never the shipped eval set (generator seed 1234)",
         *(_init_lines(a["init"]) if a.get("init") else []),
-        "- prompt: `train.video.build_prompt(lvb_prompt(question, options))`, target = option letter + `</s>`", "",
+        "- prompt: `adapters.llava_next_video.build_prompt(lvb_prompt(question, options))`,"
+        " target = option letter + `</s>`", "",
         "## Held-out full-cache accuracy (greedy, lmms-eval LongVideoBench parser, chance = 0.20)", "",
         "| frames | overall | " + " | ".join(("first", "last", "needle", "count")) + " | n |",
         "|---|---|---|---|---|---|---|",
@@ -433,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     random.seed(args.seed)
     rng = np.random.default_rng(args.seed)
     tokenizer = build_tokenizer()
-    processor = TinyVideoProcessor(tokenizer)
+    processor = TinyVideoProcessor(tokenizer, size=SIZE)
     model = build_model(tokenizer, args.vision_hidden, args.text_hidden, args.text_layers, args.seed).to(device)
     if args.init:
         from transformers import LlavaNextVideoForConditionalGeneration
