@@ -98,7 +98,7 @@ def make_inputs(adapter: LlavaNextVideoAdapter, n_frames: int, seed: int = 0) ->
     Returns pixel_values_videos (1, frames, 3, S, S), ids (1, prefix + video + question) and `split`, the
     end of the shared video context (one past the last video token), as `adapter.encode` does.
     """
-    from train.video import TinyVideoProcessor
+    from adapters.llava_next_video import TinyVideoProcessor
 
     cfg = adapter.model.config
     size = cfg.vision_config.image_size
