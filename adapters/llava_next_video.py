@@ -233,7 +233,7 @@ def load_processor(path: str | Path) -> Any:
                   "(same preprocessing for its square frames)", file=sys.stderr, flush=True)
             _warned_fallback = True
         return TinyVideoProcessor.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # not swallowed: any other failure becomes one error line naming the folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"{path}: cannot load the LLaVA-NeXT-Video processor ({type(e).__name__}: {first})") from e
 

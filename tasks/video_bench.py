@@ -304,7 +304,8 @@ def load_mlvu_dev(data_dir: str | Path, tasks: tuple[str, ...] = MLVU_DEV_TASKS)
     out = []
     for task in tasks:
         if task not in files:
-            raise FileNotFoundError(f"{json_dir}: no json for MLVU task {task!r} (expected e.g. 1_{task}.json)")
+            raise FileNotFoundError(f"{json_dir}: no json for MLVU task {task!r} (expected e.g. 1_{task}.json;"
+                                    " choose tasks with --tasks)")
         path = files[task]
         for i, row in enumerate(_read_json(path)):
             missing = [k for k in ("video", "question", "candidates", "answer") if k not in row]

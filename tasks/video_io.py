@@ -140,6 +140,9 @@ def _read_pyav(path: Path, choose: Callable[[int, float], np.ndarray]) -> Clip:
         where = f": only {n_decoded} of its {total} frames decode" if total else ""
         raise VideoError(f"{path}: cannot decode video with PyAV{where} ({type(e).__name__}: {e})") from e
     if len(got) < len(wanted):
+        if n_decoded >= total:  # every frame decoded: the sampling asked for more than the file holds
+            raise VideoError(f"{path}: the sampling needs frame {last} but the video has {total} frames "
+                             "(annotation duration longer than the file?)")
         raise VideoError(f"{path}: truncated video: only {n_decoded} of its {total} frames decode, "
                          f"{len(got)} of the {len(wanted)} sampled frames (up to index {last})")
     return Clip(np.stack([got[i] for i in idx.tolist()]), idx, fps, total)
@@ -158,6 +161,9 @@ def _read_decord(path: Path, choose: Callable[[int, float], np.ndarray]) -> Clip
         if fps <= 0:
             raise VideoError(f"{path}: the video stream has no frame rate")
         idx = choose(total, fps)
+        if int(idx[-1]) >= total:
+            raise VideoError(f"{path}: the sampling needs frame {idx[-1]} but the video has {total} frames "
+                             "(annotation duration longer than the file?)")
         frames = vr.get_batch(idx.tolist())
         out = frames.asnumpy() if hasattr(frames, "asnumpy") else np.asarray(frames)
     except VideoError:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +152,81 @@ def test_round_trip_and_bad_inputs(tok, frames, tmp_path):
     with pytest.raises(ValueError, match="exactly one video placeholder"):
         adapter.answer_many(adapter.new_memory(make_policy("full"), 32), frames, QUESTIONS[:1], 4,
                             prompt_fn=lambda q: q)
+
+
+# ------------------------------------------------------------------------------------ frames as separate videos
+def test_one_placeholder_per_frame_equals_one_video(tok, frames):
+    """Per-frame placeholders (the subtitle layout) feed the same features and give the same answers."""
+    adapter = _adapter(tok)
+    whole = adapter.video_features(adapter.processor(text=VIDEO_TOKEN, videos=frames)["pixel_values_videos"])
+    single = adapter.processor(text=VIDEO_TOKEN * N_FRAMES, videos=[frames[i : i + 1] for i in range(N_FRAMES)])
+    assert single["pixel_values_videos"].shape == (N_FRAMES, 1, 3, SIZE, SIZE)
+    assert torch.allclose(adapter.video_features(single["pixel_values_videos"]), whole, atol=1e-5)
+    # the word-level tokenizer drops the newlines between frames, so both prompts hold the same ids
+    per_frame = "\n".join([VIDEO_TOKEN] * N_FRAMES)
+    a = adapter.answer_many(adapter.new_memory(make_policy("full"), 32), frames, QUESTIONS[:2], 6)
+    b = adapter.answer_many(adapter.new_memory(make_policy("full"), 32), frames, QUESTIONS[:2], 6,
+                            prompt_fn=lambda q: build_prompt(q, per_frame))
+    assert a[0] == b[0] and a[1] == pytest.approx(b[1])
+
+
+def test_interleaved_text_sits_between_frames(tok, frames):
+    adapter = _adapter(tok)
+    visual = "\n".join([VIDEO_TOKEN, "red", VIDEO_TOKEN, VIDEO_TOKEN, "blue green", *[VIDEO_TOKEN] * (N_FRAMES - 3)])
+    prompts = [build_prompt(q, visual) for q in QUESTIONS[:2]]
+    pixel, ids, split = adapter.encode(frames, prompts)
+    assert pixel.shape[:2] == (N_FRAMES, 1)
+    vid = adapter.video_token_id
+    words = [tok.convert_ids_to_tokens(int(i)) if i != vid else "V" for i in ids[0][0, :split]]
+    body = "".join(words[words.index("V"):])  # 4 video tokens per frame, the subtitle words between
+    assert body == "VVVV" + "red" + "VVVV" * 2 + "blue" + "green" + "VVVV" * (N_FRAMES - 3)
+    assert ids[0][0, split - 1] == vid and ids[1][0, :split].tolist() == ids[0][0, :split].tolist()
+    with pytest.raises(ValueError, match="one per frame"):
+        adapter.encode(frames, [build_prompt(QUESTIONS[0], VIDEO_TOKEN * 2)])
+    with pytest.raises(ValueError, match="the same in every prompt"):
+        adapter.encode(frames, [prompts[0], build_prompt(QUESTIONS[1])])
+
+
+# ------------------------------------------------------------------------------------ processor loading
+def _hf_fails(monkeypatch, exc: Exception) -> None:
+    import transformers
+
+    def boom(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(transformers.LlavaNextVideoProcessor, "from_pretrained", boom)
+
+
+def test_processor_falls_back_only_for_our_tiny_model(tok, tmp_path, monkeypatch, capsys):
+    import adapters.llava_next_video as lnv
+
+    TinyVideoProcessor(tok, size=SIZE).save_pretrained(tmp_path / "tiny")
+    _hf_fails(monkeypatch, ImportError("LlavaNextVideoVideoProcessor requires the Torchvision library"))
+    monkeypatch.setattr(lnv, "_warned_fallback", False)
+    first, second = lnv.load_processor(tmp_path / "tiny"), lnv.load_processor(tmp_path / "tiny")
+    assert isinstance(first, TinyVideoProcessor) and first.size == SIZE and second.size == SIZE
+    assert capsys.readouterr().err.count("warning:") == 1  # once per process, not per load
+    # a real checkpoint (subword tokenizer) without torchvision: an error, never the tiny processor
+    real = tmp_path / "real"
+    real.mkdir()
+    for name in ("processor_config.json", "video_preprocessor_config.json"):
+        (real / name).write_text((tmp_path / "tiny" / name).read_text())
+    (real / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    with pytest.raises(ValueError, match="real: LlavaNextVideoProcessor cannot be built .*install torchvision"):
+        lnv.load_processor(real)
+    # HF fails for another reason (config drift, a broken file): an error even for the tiny model
+    _hf_fails(monkeypatch, ValueError("unrecognised key 'size'"))
+    with pytest.raises(ValueError, match="cannot load the LLaVA-NeXT-Video processor .*unrecognised key"):
+        lnv.load_processor(tmp_path / "tiny")
+
+
+@pytest.mark.parametrize("broken", ["{not json", '{"crop_size": {"height": 56}}', "[1, 2]"])
+def test_broken_processor_config_fails_loudly(tok, tmp_path, broken):
+    """Whatever HF does on this machine (no torchvision: ImportError; else a parse error), a broken
+    video processor config is an error naming the folder, not a silently substituted processor."""
+    from adapters.llava_next_video import load_processor
+
+    TinyVideoProcessor(tok, size=SIZE).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "video_preprocessor_config.json").write_text(broken)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "m"))):
+        load_processor(tmp_path / "m")

@@ -8,14 +8,19 @@ import pytest
 
 from tasks.video_bench import (
     LVB_POST_PROMPT,
+    MLVU_DEV_TASKS,
     extract_mlvu_answer,
     fallback_rng,
     group_by_video,
+    interleave_subtitles,
     load_longvideobench,
     load_mlvu_dev,
+    load_subtitles,
     lvb_metrics,
     lvb_prompt,
+    lvb_submission,
     mlvu_metrics,
+    parse_mlvu_tasks,
     parse_multi_choice_response,
     parse_predictions,
 )
@@ -170,3 +175,88 @@ def test_synthetic_set_is_deterministic_and_loadable(tmp_path):
     assert scene_colours.count(COLORS[spec.count_color]) == spec.count == questions[3]["correct_choice"] + 1
     areas = [((frames[s] != np.array(BACKGROUND)).any(-1)).sum() for s in spec.starts]
     assert int(np.argmax(areas)) == spec.big
+
+
+# ------------------------------------------------------------------------------------------ test split
+def test_lvb_test_split_has_no_answers(tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "correct_choice"} for r in LVB_ROWS]
+    rows[0].update(subtitle_path="v0_en.json", starting_timestamp_for_subtitles=12.5)
+    (tmp_path / "lvb_test_wo_gt.json").write_text(json.dumps(rows))
+    ex = load_longvideobench(tmp_path, split="test")
+    assert [e.id for e in ex] == ["q0", "q1", "q2"] and [e.answer_letter for e in ex] == ["", "", ""]
+    assert ex[1].prompt == "Who?\nA. x\nB. y\nC. z\nD. w\n" + LVB_POST_PROMPT
+    assert ex[0].subtitle_path == str(tmp_path / "subtitles" / "v0_en.json") and ex[0].subtitle_offset == 12.5
+    assert ex[1].subtitle_path is None and ex[1].subtitle_offset is None
+    with pytest.raises(FileNotFoundError, match="lvb_val.json"):  # the val split still needs its own file
+        load_longvideobench(tmp_path)
+    with pytest.raises(ValueError, match="unknown LongVideoBench split"):
+        load_longvideobench(tmp_path, split="dev")
+    # lmms-eval's submission: {id: raw reply}
+    assert lvb_submission(["q0", "q1"], ["B", "The answer is C"]) == {"q0": "B", "q1": "The answer is C"}
+    with pytest.raises(ValueError, match="one reply per distinct question id"):
+        lvb_submission(["q0", "q0"], ["B", "C"])
+
+
+# ------------------------------------------------------------------------------------------- subtitles
+# Frames at 0, 1, 2, 3, 4 s (the official rule on a 5 s clip at 8 fps); subtitles come from the full
+# video, 10 s earlier than the clip (starting_timestamp_for_subtitles = 10).
+FRAME_TIMES = [0.0, 1.0, 2.0, 3.0, 4.0]
+SUBS_SECONDS = [
+    {"timestamp": [10.2, 11.4], "text": "alpha"},  # mid 0.8: after frame 0; frame 1.0 inside -> kept
+    {"timestamp": [11.9, 12.1], "text": "beta"},  # mid 2.0: frames 1, 2 first; < 1 s, widened to 1.5-2.5
+    {"timestamp": [12.3, 12.6], "text": "gamma"},  # mid 2.45: no new frame; widened 1.95-2.95 holds 2.0
+    {"timestamp": [13.0, 14.0], "text": "delta"},  # mid 3.5: frame 3 first; (3, 4) holds no frame: dropped
+]
+SUBS_CLOCK = [{"start": f"00:00:{a:06.3f}", "end": f"00:00:{b:06.3f}", "line": s["text"]}
+              for s in SUBS_SECONDS for a, b in [s["timestamp"]]]
+
+
+@pytest.mark.parametrize("subs", [SUBS_SECONDS, SUBS_CLOCK], ids=["timestamp-text", "start-end-line"])
+def test_interleave_follows_the_official_loader(tmp_path, subs):
+    (tmp_path / "s.json").write_text(json.dumps(subs))
+    loaded = load_subtitles(tmp_path / "s.json")
+    order = interleave_subtitles(FRAME_TIMES, loaded, 10.0, 5.0)
+    assert order == [0, "alpha", 1, 2, "beta", "gamma", 3, 4]
+    # without the offset every subtitle lies after the clip: all frames, then no text covers a frame
+    assert interleave_subtitles(FRAME_TIMES, loaded, 0.0, 5.0) == [0, 1, 2, 3, 4]
+
+
+def test_interleave_null_end_and_offset():
+    # A null end means "to the end of the video" (duration), shifted by the offset like every time.
+    open_end = [{"timestamp": [2.2, None], "text": "tail"}]  # offset 0: span 2.2-5.0, mid 3.6
+    assert interleave_subtitles(FRAME_TIMES, open_end, 0.0, 5.0) == [0, 1, 2, 3, "tail", 4]
+    # with an offset the official code subtracts it from the duration as well (end = 5 - 10 = -5): the
+    # span collapses to its midpoint, (12.2 - 10 - 5) / 2 = -1.4, and no frame lies within +- 0.5 s of it
+    shifted = [{"timestamp": [12.2, None], "text": "tail"}]
+    assert interleave_subtitles(FRAME_TIMES, shifted, 10.0, 5.0) == [0, 1, 2, 3, 4]
+    # an integer end counts as "not a float" in the official code, exactly like null
+    # (read as 3 s it would give [0, 1, 2, "t", 3, 4])
+    assert interleave_subtitles(FRAME_TIMES, [{"timestamp": [2.2, 3], "text": "t"}], 0.0, 5.0) == [0, 1, 2, 3, "t", 4]
+
+
+def test_bad_subtitle_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="subtitle file not found"):
+        load_subtitles(tmp_path / "none.json")
+    (tmp_path / "a.json").write_text(json.dumps([{"timestamp": [1.0, 2.0]}]))
+    with pytest.raises(ValueError, match="subtitle 0 is neither"):
+        load_subtitles(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text(json.dumps({"text": "x"}))
+    with pytest.raises(ValueError, match="expected a list"):
+        load_subtitles(tmp_path / "b.json")
+    with pytest.raises(ValueError, match="bad subtitle timestamp"):
+        interleave_subtitles(FRAME_TIMES, [{"start": "1.5", "end": "00:00:02.0", "line": "x"}], 0.0, 5.0)
+
+
+# ------------------------------------------------------------------------------------------ MLVU subset
+def test_mlvu_task_selection(tmp_path):
+    assert parse_mlvu_tasks(None) == parse_mlvu_tasks("") == MLVU_DEV_TASKS
+    assert parse_mlvu_tasks("count, plotQA") == ("plotQA", "count")  # the benchmark's order
+    with pytest.raises(ValueError, match="unknown MLVU task.*counting.*choose from: plotQA"):
+        parse_mlvu_tasks("count,counting")
+    root = write_mlvu(tmp_path)
+    ex = load_mlvu_dev(root, tasks=parse_mlvu_tasks("count"))
+    assert [e.id for e in ex] == ["count_0"]
+    m = mlvu_metrics(ex, ["C"])
+    assert m["m_avg_tasks"] == ["count"] and m["m_avg"] == 1.0
+    with pytest.raises(FileNotFoundError, match="MLVU task 'needle'.*--tasks"):
+        load_mlvu_dev(root)  # all seven by default; this folder holds two

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 pytest.importorskip("av")
-from tasks.video_io import VideoError, read_frames, resize_frames, sample_indices, write_mp4  # noqa: E402
+from tasks.video_io import (  # noqa: E402
+    VideoError,
+    lvb_official_indices,
+    read_frames,
+    read_video,
+    resize_frames,
+    sample_indices,
+    write_mp4,
+)
 
 N_FRAMES = 40
 
@@ -84,11 +92,52 @@ def test_garbage_and_empty(tmp_path, backend):
 
 @pytest.mark.parametrize("keep", [0.5, 0.8])
 def test_truncated(clip, tmp_path, keep):
+    import av
+
     data = clip.read_bytes()
     cut = tmp_path / f"cut{keep}.mp4"
     cut.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(VideoError, match=f"cut{keep}.mp4"):
+    decodable = 0  # counted independently: decode until the data ends
+    try:
+        with av.open(str(cut)) as container:
+            for _ in container.decode(container.streams.video[0]):
+                decodable += 1
+    except av.error.FFmpegError:
+        pass
+    assert decodable < N_FRAMES
+    with pytest.raises(VideoError, match=f"cut{keep}.mp4: .*only {decodable} of its {N_FRAMES} frames decode"):
         read_frames(cut, num_frames=8, backend="pyav")
+
+
+def test_lvb_official_rule():
+    # official loader: total = int(duration * fps), n = min(max, int(duration)), frame i = int(total / n) * i
+    assert lvb_official_indices(5.0, 8.0, 32).tolist() == [0, 8, 16, 24, 32]  # one frame a second
+    assert lvb_official_indices(4.9, 8.0, 3).tolist() == [0, 13, 26]  # int(39 / 3) = 13
+    assert lvb_official_indices(10.5, 29.97, 4).tolist() == [0, 78, 156, 234]  # int(314 / 4) = 78
+    assert lvb_official_indices(0.6, 8.0, 8).tolist() == [0]  # under a second: one frame, not 1/0
+    with pytest.raises(ValueError, match="positive duration"):
+        lvb_official_indices(0.0, 8.0, 4)
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_read_video_official_sampling(clip, backend):
+    """The clip is 40 frames at 8 fps; an annotation duration of 4.9 s with at most 3 frames gives 0, 13, 26."""
+    if backend == "decord":
+        pytest.importorskip("decord")
+    got = read_video(clip, 3, backend=backend, sampling="lvb-official", duration=4.9)
+    assert got.indices.tolist() == [0, 13, 26] and got.fps == 8.0 and got.total == N_FRAMES
+    assert nearest_index(got.frames).tolist() == [0, 13, 26]
+    assert got.timestamps == [0.0, 13 / 8, 26 / 8]
+    # no annotation duration: the container's (40 / 8 = 5 s), at most one frame a second
+    assert read_video(clip, 32, backend=backend, sampling="lvb-official").indices.tolist() == [0, 8, 16, 24, 32]
+    default = read_video(clip, 8, backend=backend)
+    assert default.indices.tolist() == sample_indices(N_FRAMES, 8).tolist()
+    assert nearest_index(default.frames).tolist() == default.indices.tolist()
+    # an annotation longer than the file asks for frames it lacks: an error saying how far the file goes
+    with pytest.raises(VideoError, match="clip.mp4: the sampling needs frame 48 but the video has 40 frames"):
+        read_video(clip, 3, backend=backend, sampling="lvb-official", duration=9.0)
+    with pytest.raises(ValueError, match="frame sampling"):
+        read_video(clip, 3, backend=backend, sampling="uniform")
 
 
 def test_bad_arguments(clip):
