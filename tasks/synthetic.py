@@ -22,6 +22,16 @@ that within minutes, while two-step templates ("for K is V") stayed at chance in
   "question : what are the three most frequent words in the text ? answer :" -> the three, most frequent first.
 - passage: "passage 17 : w w ... ." blocks; "question : which passage contains the words : <8 words> ?
   answer : passage" -> "17".
+- count: 4-8 keys (4-16 in training) each written 1-6 times in filler; "question : how many times does K
+  appear ? answer :" -> "3". Recency-bounded caches undercount.
+- fwe_decoy: like fwe, but the three true top words fill only the first 75 % of the text and three decoy
+  words are the densest words of the last 25 % (yet rarer overall): a cache that keeps only recent tokens
+  names the decoys.
+- copy (training only, not in `TASKS`): a random word sequence, later "repeat : w1" -> the rest of it; pure
+  induction, which makes the key-matched lookup heads form early (without it mqar/niah_multikey stayed at
+  chance for a whole 7-minute run).
+
+Words added after the first model (`EXTRA_WORDS`) go at the end of `VOCAB`, so earlier ids never move.
 """
 
 from __future__ import annotations
@@ -71,7 +81,9 @@ def _pseudo_words(n: int) -> list[str]:
 KEY_WORDS = _pseudo_words(600)
 NUMBER_WORDS = [str(i) for i in range(1000)]
 VAR_WORDS = [f"x{i}" for i in range(256)]
-VOCAB: list[str] = SPECIAL_TOKENS + TEMPLATE_WORDS + FILLER_WORDS + KEY_WORDS + NUMBER_WORDS + VAR_WORDS
+EXTRA_WORDS = "how many times does appear repeat".split()  # appended: ids of the first model's words stay
+VOCAB: list[str] = (SPECIAL_TOKENS + TEMPLATE_WORDS + FILLER_WORDS + KEY_WORDS + NUMBER_WORDS + VAR_WORDS
+                    + EXTRA_WORDS)
 assert len(VOCAB) == len(set(VOCAB)), "vocabulary groups overlap"
 WORD_TO_ID = {w: i for i, w in enumerate(VOCAB)}
 
@@ -110,7 +122,14 @@ TASKS: dict[str, TaskInfo] = {
                     "set_overlap", "3/#distinct words (random 3 words)"),
     "passage": TaskInfo("passage", "numbered passages; which passage contains an 8-word snippet",
                         "exact", "1/#passages (random passage id)"),
+    "count": TaskInfo("count", "4-8 keys written 1-6 times each in filler; how often does one appear",
+                      "exact", "1/6 (random count)"),
+    "fwe_decoy": TaskInfo("fwe_decoy", "fwe whose top words fill the first 75 %; denser decoys in the last 25 %",
+                          "set_overlap", "3/#distinct words (random 3 words)"),
 }
+# Training-only formats (make_training_sequence accepts them; no evaluation examples).
+TRAIN_ONLY_TASKS = ("copy",)
+MAX_COUNT = 6
 
 NEEDLE_LEN = 8
 MIN_LENGTH = 128
@@ -231,6 +250,51 @@ def _passage(rng, length, dense):
     return passages, qa, 1 / n_p
 
 
+def _count(rng, length, dense):
+    n_keys = int(np.clip(length // 256, 4, 16)) if dense else int(rng.integers(4, 9))
+    keys = rng.choice(len(KEY_WORDS), size=n_keys, replace=False)
+    counts = rng.integers(1, MAX_COUNT + 1, size=n_keys)
+    items = [[KEY_WORDS[k]] for k, c in zip(keys, counts) for _ in range(c)]
+    items = [items[i] for i in rng.permutation(len(items))]
+    order = rng.permutation(n_keys) if dense else [int(rng.integers(n_keys))]
+    qa = [(f"question : how many times does {KEY_WORDS[keys[i]]} appear ? answer :".split(), [str(counts[i])])
+          for i in order]
+    return items, qa, 1 / MAX_COUNT
+
+
+def _fwe_decoy(rng, length, dense):
+    q = "question : what are the three most frequent words in the text ? answer :".split()
+    n = length - len(q) - 2 - (4 if dense else 0)
+    n_early = int(round(0.75 * n))
+    n_late = n - n_early
+    pick = rng.choice(len(FILLER_WORDS), size=6, replace=False)
+    top, decoy = pick[:3], pick[3:]
+    rest_pool = np.setdiff1d(np.arange(len(FILLER_WORDS)), pick)
+    early_counts = [int(round(f * n_early)) for f in (0.09, 0.075, 0.06)]
+    late_counts = [int(round(0.12 * n_late))] * 3  # overall 3 % each: below the true third word's 4.5 %
+    early = np.concatenate([np.full(c, t) for c, t in zip(early_counts, top)]
+                           + [rng.choice(rest_pool, size=n_early - sum(early_counts))])
+    late = np.concatenate([np.full(c, t) for c, t in zip(late_counts, decoy)]
+                          + [rng.choice(rest_pool, size=n_late - sum(late_counts))])
+    ids = np.concatenate([rng.permutation(early), rng.permutation(late)])
+    words = ["text", ":"] + [FILLER_WORDS[i] for i in ids]
+    return [words], [(q, [FILLER_WORDS[t] for t in top])], 3 / len(np.unique(ids))
+
+
+_COPY_POOL = KEY_WORDS + NUMBER_WORDS + VAR_WORDS + FILLER_WORDS
+
+
+def _copy(rng, length, dense):
+    n_seg = int(np.clip(length // 1024, 1, 4))
+    seg_len = int(rng.integers(8, max(9, min(length // (4 * n_seg), 128)) + 1))
+    items, qa = [], []
+    for _ in range(n_seg):
+        seq = [_COPY_POOL[i] for i in rng.integers(len(_COPY_POOL), size=seg_len)]
+        items.append(seq)
+        qa.append((["repeat", ":", seq[0]], seq[1:]))
+    return items, qa, 0.0
+
+
 def _build(task: str, rng: np.random.Generator, length: int, dense: bool):
     """Returns (context items, [(question words, answer words)], chance)."""
     if task == "niah_single":
@@ -245,14 +309,23 @@ def _build(task: str, rng: np.random.Generator, length: int, dense: bool):
         return _fwe(rng, length, dense)
     if task == "passage":
         return _passage(rng, length, dense)
+    if task == "count":
+        return _count(rng, length, dense)
+    if task == "fwe_decoy":
+        return _fwe_decoy(rng, length, dense)
+    if task == "copy" and dense:
+        return _copy(rng, length, dense)
     raise ValueError(f"unknown synthetic task {task!r}; choose from {sorted(TASKS)}")
 
 
-def _check(task: str, length: int) -> None:
-    if task not in TASKS:
+def _check(task: str, length: int, training: bool = False) -> None:
+    if task not in TASKS and not (training and task in TRAIN_ONLY_TASKS):
         raise ValueError(f"unknown synthetic task {task!r}; choose from {sorted(TASKS)}")
     if length < MIN_LENGTH:
         raise ValueError(f"length_tokens must be >= {MIN_LENGTH}, got {length}")
+
+
+_SEQUENTIAL = ("passage", "fwe", "fwe_decoy")  # context laid out in order, filler only at the end
 
 
 def make_words(task: str, length: int, rng: np.random.Generator) -> tuple[list[str], list[str], float]:
@@ -260,7 +333,7 @@ def make_words(task: str, length: int, rng: np.random.Generator) -> tuple[list[s
     _check(task, length)
     items, qa, chance = _build(task, rng, length, dense=False)
     q, a = qa[0]
-    if task == "passage" or task == "fwe":
+    if task in _SEQUENTIAL:
         context = [w for it in items for w in it]
         context = context + _filler(rng, length - len(q) - len(context))
     else:
@@ -286,14 +359,14 @@ def make_training_sequence(task: str, length: int, rng: np.random.Generator) -> 
     Returns (ids, target_mask) where target_mask[t] marks positions whose *token* is an answer word
     or the EOS closing it (the loss is on predicting those tokens).
     """
-    _check(task, length)
+    _check(task, length, training=True)
     items, qa, _ = _build(task, rng, length, dense=True)
     tail, mask_tail = [], []
     for i, (q, a) in enumerate(qa):
         close = [EOS] if task != "mqar" or i == len(qa) - 1 else []
         tail += q + a + close
         mask_tail += [0] * len(q) + [1] * (len(a) + len(close))
-    if task in ("passage", "fwe"):
+    if task in _SEQUENTIAL:
         context = [w for it in items for w in it]
         context = context + _filler(rng, length - len(tail) - len(context))
     else:

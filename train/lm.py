@@ -1,14 +1,17 @@
-"""Train the small source LM: a random-init Llama (GQA) on the dense synthetic task mixture.
+"""Train the small source LM: a random-init Llama (GQA, RoPE) on the dense synthetic task mixture.
 
-Naive recipes (one query per sequence, a few minutes) stayed at chance here
-(docs: /work/shared/reference/source-lm-notes.md), so this uses what recall models need: dense
-supervision (loss on every answer word of many questions per sequence), a length curriculum that only
-lengthens once answer accuracy is high, warmup + cosine, bf16 autocast and large token batches.
+Why this recipe (measured on our H200 runs, see artifacts/lm/*/PROVENANCE.md): one query per sequence
+stays at chance for minutes, so every training sequence carries many questions and the loss is on every
+answer word (dense supervision, as in Zoology's MQAR); the length curriculum lengthens only once answer
+accuracy is high; key-matched lookup (mqar, multi-key needles) never formed in a 7-minute run without the
+`copy` induction format in the mix; warmup + cosine, bf16 autocast, large token batches.
 
-    python -m train.lm --out artifacts/lm/tiny-llama-mqar --train-minutes 7 --resume
+    python -m train.lm --out artifacts/lm/<name> --train-minutes 7 --resume
+    torchrun --nproc-per-node 2 -m train.lm ...        # data-parallel (DDP over NCCL), one process a GPU
 
 Checkpoints (model fp32, optimiser moments bf16, state json) go to --ckpt-dir every --ckpt-every
-steps; --resume continues from them. The LR schedule follows progress = max(step/steps,
+steps; --resume continues from them; --init-from starts from saved weights with a fresh optimiser (for a
+checkpoint that had to travel as bf16 weights). The LR schedule follows progress = max(step/steps,
 trained_seconds/train_seconds), so a run can be bounded by wall time and still anneal.
 """
 
@@ -17,16 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing as mp
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from tasks.synthetic import (
     EOS,
     TASKS,
+    TRAIN_ONLY_TASKS,
     VOCAB,
     WORD_TO_ID,
     build_tokenizer,
@@ -41,9 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="directory for the final model + tokenizer + logs")
     p.add_argument("--ckpt-dir", default=None, help="checkpoint directory (default OUT/ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from --ckpt-dir if it holds a checkpoint")
+    p.add_argument("--init-from", default=None,
+                   help="start from these weights (HF model dir or model.pt) with a fresh optimiser; "
+                        "with --state-from, also continue that run's step/stage/schedule")
+    p.add_argument("--state-from", default=None, help="state.json to continue (with --init-from)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--tasks", nargs="+", default=list(TASKS),
+                   help=f"training formats: {', '.join(TASKS)} and training-only {', '.join(TRAIN_ONLY_TASKS)}")
     # model
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
@@ -56,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20000, help="schedule length in steps")
     p.add_argument("--train-minutes", type=float, default=0.0, help="schedule length in minutes (0: steps)")
     p.add_argument("--stop-minutes", type=float, default=0.0, help="stop this invocation after N minutes")
-    p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per step (batch = this // length)")
+    p.add_argument("--batch-tokens", type=int, default=65536,
+                   help="tokens per step per process (batch = this // length)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr-frac", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=300)
@@ -71,18 +83,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # bookkeeping
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--workers", type=int, default=0, help="data worker processes")
+    p.add_argument("--workers", type=int, default=0, help="data worker processes (per training process)")
     p.add_argument("--eval-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
     p.add_argument("--eval-n", type=int, default=50)
+    p.add_argument("--eval-seed", type=int, default=1234, help="validation seed (never the held-out test seed)")
     p.add_argument("--save-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     args = p.parse_args(argv)
-    bad = [t for t in args.tasks if t not in TASKS]
+    bad = [t for t in args.tasks if t not in TASKS and t not in TRAIN_ONLY_TASKS]
     if bad:
-        p.error(f"unknown task(s) {bad}; choose from {sorted(TASKS)}")
+        p.error(f"unknown task(s) {bad}; choose from {sorted(TASKS) + list(TRAIN_ONLY_TASKS)}")
     if args.heads % args.kv_heads or args.hidden % args.heads:
         p.error("--heads must divide --hidden and be a multiple of --kv-heads")
     if min(args.lengths) < 128 or any(b < a for a, b in zip(args.lengths, args.lengths[1:])):
         p.error("--lengths must be increasing and >= 128")
+    if args.state_from and not args.init_from:
+        p.error("--state-from needs --init-from")
     return args
 
 
@@ -99,6 +114,27 @@ def build_model(args: argparse.Namespace):
     return LlamaForCausalLM(cfg)
 
 
+class AnswerLoss(torch.nn.Module):
+    """Cross-entropy on answer positions only; the LM head runs on those rows alone (saves the full logits).
+
+    Wrapping this module (not the LM) in DDP keeps gradient sync on the path the loss takes.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # ids, mask: (batch, length + 1); position t of the hidden states predicts token t + 1
+        hidden = self.lm.model(input_ids=ids[:, :-1]).last_hidden_state  # (batch, length, d)
+        m = mask[:, 1:]
+        logits = self.lm.lm_head(hidden[m]).float()  # (n_answer, vocab)
+        tgt = ids[:, 1:][m]
+        loss = F.cross_entropy(logits, tgt)
+        rows = m.nonzero()[:, 0]  # (n_answer,) batch row of each answer token
+        return loss, logits.argmax(-1) == tgt, rows
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -111,31 +147,34 @@ def make_batch(tasks: list[str], length: int, batch: int, rng: np.random.Generat
     return ids, mask, torch.from_numpy(which)
 
 
-class _BatchStream(torch.utils.data.IterableDataset):
-    """Endless batches of one fixed length; each worker gets its own seed."""
+class _CurriculumStream(torch.utils.data.IterableDataset):
+    """Endless batches at the current curriculum stage, read from a value shared with the trainer.
 
-    def __init__(self, tasks, length, batch, seed):
-        self.tasks, self.length, self.batch, self.seed = tasks, length, batch, seed
+    Each batch is at the stage's length or, with probability `replay`, at an earlier stage's; workers
+    see a stage change a few prefetched batches late, which is harmless. Yields (ids, mask, which, length).
+    """
+
+    def __init__(self, tasks, lengths, batch_tokens, replay, seed, stage):
+        self.tasks, self.lengths, self.batch_tokens = tasks, lengths, batch_tokens
+        self.replay, self.seed, self.stage = replay, seed, stage
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        rng = np.random.default_rng([self.seed, self.length, info.id if info else 0])
+        rng = np.random.default_rng([*self.seed, info.id if info else 0])
         while True:
-            yield make_batch(self.tasks, self.length, self.batch, rng)
+            stage = self.stage.value
+            L = self.lengths[stage]
+            if stage > 0 and rng.random() < self.replay:
+                L = self.lengths[int(rng.integers(stage))]
+            yield (*make_batch(self.tasks, L, max(1, self.batch_tokens // L), rng), L)
 
 
-def _streams(args, seed):
-    """One iterator per curriculum length (workers split across them lazily)."""
-    out = {}
-    for L in args.lengths:
-        ds = _BatchStream(args.tasks, L, max(1, args.batch_tokens // L), seed)
-        if args.workers > 0:
-            dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers, prefetch_factor=4,
-                                             persistent_workers=True)
-            out[L] = dl
-        else:
-            out[L] = ds
-    return out
+def _stream(args, seed: list[int], stage):
+    ds = _CurriculumStream(args.tasks, args.lengths, args.batch_tokens, args.replay, seed, stage)
+    if args.workers > 0:
+        return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers, prefetch_factor=4,
+                                                persistent_workers=True, multiprocessing_context="fork"))
+    return iter(ds)
 
 
 # ----------------------------------------------------------------------------- generation / eval
@@ -173,13 +212,13 @@ def generate_greedy(model, tokenizer, prompt: str, max_new_tokens: int = 16) -> 
 @torch.no_grad()
 def evaluate_full_cache(model, tokenizer, tasks: list[str], lengths: list[int], n: int, seed: int = 1234,
                         batch: int = 16, max_new_tokens: int = 8) -> dict:
-    """Mean score and chance per task and length with greedy full-cache decoding."""
+    """Mean score and chance per task and length with greedy full-cache decoding (training-only formats skipped)."""
     model.eval()
     device = next(model.parameters()).device
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     res: dict = {}
-    for task in tasks:
+    for task in [t for t in tasks if t in TASKS]:
         res[task] = {}
         for L in lengths:
             exs = make_examples(task, n, L, seed=seed)
@@ -228,6 +267,22 @@ def load_checkpoint(ckpt_dir: Path, model, opt) -> dict:
     return state
 
 
+def load_weights(model, source: str | Path) -> None:
+    """Weights from an HF model dir (safetensors, any dtype) or a model.pt state dict, cast to the model's dtype."""
+    source = Path(source)
+    if source.is_dir():
+        from safetensors.torch import load_file
+
+        sd = load_file(str(source / "model.safetensors"))
+    else:
+        sd = torch.load(source, map_location="cpu")
+    sd = {k: v.float() for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    # tied embeddings: safetensors stores embed_tokens only
+    if unexpected or any(k != "lm_head.weight" for k in missing):
+        raise ValueError(f"{source}: missing {missing}, unexpected {unexpected}")
+
+
 def save_final(model, out: Path, dtype: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
@@ -248,88 +303,126 @@ def lr_at(args, step: int, trained_s: float) -> float:
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
 
 
+def _dist_setup(args) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); torchrun's env vars switch on DDP (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(args.device)
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    rank, world, device = _dist_setup(args)
+    lead = rank == 0
     out = Path(args.out)
     ckpt_dir = Path(args.ckpt_dir) if args.ckpt_dir else out / "ckpt"
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    model = build_model(args).to(device)
+    torch.manual_seed(args.seed)  # same init on every rank
+    model = build_model(args)
+    state = {"step": 0, "stage": 0, "stage_steps": 0, "ema_acc": 0.0, "trained_s": 0.0, "invocations": 0}
+    if args.init_from:
+        load_weights(model, args.init_from)
+        if args.state_from:
+            state = json.loads(Path(args.state_from).read_text())
+        if lead:
+            print(f"initialised from {args.init_from} (fresh optimiser), step {state['step']}")
+    model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
-    state = {"step": 0, "stage": 0, "stage_steps": 0, "ema_acc": 0.0, "trained_s": 0.0, "invocations": 0}
     if args.resume and (ckpt_dir / "state.json").exists():
         state = load_checkpoint(ckpt_dir, model, opt)
         model.to(device)
-        print(f"resumed from {ckpt_dir} at step {state['step']} (stage {state['stage']})")
+        if lead:
+            print(f"resumed from {ckpt_dir} at step {state['step']} (stage {state['stage']})")
     state["invocations"] += 1
-    print(f"model: {n_params / 1e6:.2f} M params, {args.layers} layers, hidden {args.hidden}, "
-          f"{args.heads} q heads / {args.kv_heads} kv heads, device {device}")
-    streams = {L: iter(s) for L, s in _streams(args, args.seed * 1000 + state["invocations"]).items()}
-    rng = np.random.default_rng([args.seed, state["invocations"]])
+    warm0 = state["step"] if args.init_from and not args.resume else 0  # fresh moments: warm up again
+    if lead:
+        print(f"model: {n_params / 1e6:.2f} M params, {args.layers} layers, hidden {args.hidden}, "
+              f"{args.heads} q heads / {args.kv_heads} kv heads, device {device}, {world} process(es)")
+    net = AnswerLoss(model)
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    shared_stage = mp.get_context("fork").Value("i", state["stage"])
+    stream = _stream(args, [args.seed, state["invocations"], rank], shared_stage)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
-    log_f = open(out / "train_log.jsonl", "a")
+    log_f = open(out / "train_log.jsonl", "a") if lead else None
     t_start = time.time()
     t_last = time.time()
     tok_seen = 0
     stats: dict = {}
     model.train()
     while state["step"] < args.steps:
-        if args.stop_minutes and time.time() - t_start > 60 * args.stop_minutes:
-            print(f"stop-minutes reached at step {state['step']}")
-            break
-        if args.train_minutes and state["trained_s"] >= 60 * args.train_minutes:
-            print(f"train-minutes schedule finished at step {state['step']}")
-            break
-        stage = state["stage"]
-        L = args.lengths[stage]
-        if stage > 0 and rng.random() < args.replay:
-            L = args.lengths[int(rng.integers(stage))]
-        ids, mask, which = next(streams[L])
+        stop = bool(args.stop_minutes and time.time() - t_start > 60 * args.stop_minutes)
+        stop |= bool(args.train_minutes and state["trained_s"] >= 60 * args.train_minutes)
+        ids, mask, which, L = next(stream)
+        L = int(L)
         ids, mask, which = ids.to(device, non_blocking=True), mask.to(device), which.to(device)
         lr = lr_at(args, state["step"], state["trained_s"])
+        if warm0:  # fresh Adam moments on trained weights: ramp the scheduled LR up again
+            lr *= min(1.0, (state["step"] - warm0 + 1) / args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         with amp:
-            logits = model(input_ids=ids[:, :-1]).logits  # (batch, length, vocab)
-        tgt, m = ids[:, 1:], mask[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.float()[m], tgt[m])
+            loss, correct, rows = net(ids, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        # answer-token accuracy per task (macro over the tasks in this batch)
-        with torch.no_grad():
-            correct = (logits.argmax(-1) == tgt) & m  # (batch, length)
-            per_row = correct.sum(1).float() / m.sum(1).clamp(min=1)
+        with torch.no_grad():  # answer-token accuracy per task (macro over the tasks in this batch)
+            per_row = torch.zeros(ids.shape[0], device=device).index_add_(0, rows, correct.float())
+            per_row = per_row / torch.bincount(rows, minlength=ids.shape[0]).clamp(min=1)
             accs = {args.tasks[t]: per_row[which == t].mean().item() for t in which.unique().tolist()}
         macro = float(np.mean(list(accs.values())))
-        if L == args.lengths[stage]:
-            state["ema_acc"] = 0.95 * state["ema_acc"] + 0.05 * macro if state["stage_steps"] else macro
+        at_stage = L == args.lengths[state["stage"]]
+        now = time.time()
+        # one small all-reduce keeps every rank's curriculum, clock (-> LR) and stop decision identical
+        sync = torch.tensor([macro * at_stage, float(at_stage), float(stop), now - t_last], dtype=torch.float64,
+                            device=device)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sync)
+        t_last = now
+        acc_sum, acc_n, stop_any, dt = sync.tolist()
+        if acc_n:
+            acc = acc_sum / acc_n
+            state["ema_acc"] = 0.95 * state["ema_acc"] + 0.05 * acc if state["stage_steps"] else acc
             state["stage_steps"] += 1
         for t, a in accs.items():
             s = stats.setdefault((t, L), [0.0, 0])
             s[0] += a
             s[1] += 1
-        tok_seen += ids.numel()
+        tok_seen += ids.numel() * world
         state["step"] += 1
-        now = time.time()
-        state["trained_s"] += now - t_last
-        t_last = now
+        state["trained_s"] += dt / world
+        stage = state["stage"]
         if (stage + 1 < len(args.lengths) and state["stage_steps"] >= args.min_stage_steps
                 and (state["ema_acc"] >= args.advance_acc or state["stage_steps"] >= args.max_stage_steps)):
-            print(f"step {state['step']}: length {args.lengths[stage]} -> {args.lengths[stage + 1]} "
-                  f"(ema answer acc {state['ema_acc']:.3f})")
+            if lead:
+                print(f"step {state['step']}: length {args.lengths[stage]} -> {args.lengths[stage + 1]} "
+                      f"(ema answer acc {state['ema_acc']:.3f})", flush=True)
             state["stage"] += 1
             state["stage_steps"] = 0
             state["ema_acc"] = 0.0
-        if state["step"] % args.log_every == 0 or state["step"] == 1:
+            shared_stage.value = state["stage"]
+        if lead and (state["step"] % args.log_every == 0 or state["step"] == 1):
             el = time.time() - t_start
             per = {f"{t}@{Lx}": round(s[0] / s[1], 3) for (t, Lx), s in sorted(stats.items())}
             rec = {"step": state["step"], "stage_len": args.lengths[state["stage"]], "loss": round(loss.item(), 4),
@@ -339,16 +432,28 @@ def main(argv: list[str] | None = None) -> dict:
             log_f.write(json.dumps(rec) + "\n")
             log_f.flush()
             stats = {}
-        if state["step"] % args.ckpt_every == 0:
+        if lead and state["step"] % args.ckpt_every == 0:
             save_checkpoint(ckpt_dir, model, opt, state)
-    save_checkpoint(ckpt_dir, model, opt, state)
-    log_f.close()
-    tok = build_tokenizer()
+        if stop_any:
+            if lead:
+                print(f"stopping at step {state['step']} (stop-minutes / train-minutes reached)")
+            break
+    if lead:
+        save_checkpoint(ckpt_dir, model, opt, state)
+        log_f.close()
     result = {"step": state["step"], "trained_s": state["trained_s"], "params": n_params,
               "final_stage_len": args.lengths[state["stage"]]}
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+        if not lead:
+            return result
+    tok = build_tokenizer()
     if args.eval_lengths and args.eval_n > 0:
         t0 = time.time()
-        result["eval"] = evaluate_full_cache(model, tok, args.tasks, args.eval_lengths, args.eval_n)
+        result["eval"] = evaluate_full_cache(model, tok, args.tasks, args.eval_lengths, args.eval_n, args.eval_seed)
         result["eval_s"] = time.time() - t0
         for task, per in result["eval"].items():
             print(task, {L: f"{v['score']:.3f} (chance {v['chance']:.3f})" for L, v in per.items()})
