@@ -22,8 +22,10 @@ kvpress 0.5.5 (the newest release) requires transformers>=4.56,<5.3: on later ve
 KeyError 'cache_position' in its forward hook, so this script refuses to run there. Our package passes
 tests/test_memory.py and the Llama conformance cases on transformers 5.2.0 (gpt2's plain-forward case differs).
 
-    # CPU: a venv with kvpress (pip pulls transformers 5.2.0) and this package (`pip install --no-deps -e .`)
-    PYTHONPATH=. /work/venv-kvpress/bin/python bench/kvpress_compare.py --preset cpu-small
+    # CPU: a side venv, since kvpress pins transformers 5.2.0 (any directory; KVPRESS_VENV names it here):
+    #   python3 -m venv "$KVPRESS_VENV" && "$KVPRESS_VENV/bin/pip" install kvpress==0.5.5
+    #   "$KVPRESS_VENV/bin/pip" install --no-deps -e .        # this package, on the venv's transformers
+    PYTHONPATH=. "$KVPRESS_VENV/bin/python" bench/kvpress_compare.py --preset cpu-small
 
     # GPU (transformers 5.17 installed there): transformers 5.2.0, tokenizers 0.22.2 (abi3), kvpress and its
     # small pure dependencies travel as wheels (14 MiB) in the git-ignored .whl-kvpress/ and shadow the installed
@@ -34,8 +36,8 @@ tests/test_memory.py and the Llama conformance cases on transformers 5.2.0 (gpt2
     #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation py --abi none \
     #     --platform any -d .whl-kvpress charset_normalizer
     #   pip wheel --no-deps fire==0.6.0 -w .whl-kvpress      # fire 0.6 is an sdist only
-    python3 -m pip install -q --no-index --no-deps --target /tmp/kv .whl-kvpress/*.whl
-    PYTHONPATH=/tmp/kv:$PWD python3 bench/kvpress_compare.py --preset gpu-7b --json $OUT/kvpress.json
+    KV=$(mktemp -d) && python3 -m pip install -q --no-index --no-deps --target "$KV" .whl-kvpress/*.whl
+    PYTHONPATH=$KV:$PWD python3 bench/kvpress_compare.py --preset gpu-7b --json $OUT/kvpress.json
 
 `datasets` (imported by kvpress only for DuoAttention/ExpectedAttentionStats, which this bench does not run;
 it would bring pyarrow) is replaced by an empty stub module when it is not installed.

@@ -5,7 +5,7 @@ all_classes, length. Prompts and max generation lengths are LongBench's `config/
 and `config/dataset2maxlen.json` (THUDM/LongBench, prompt file at commit 8ae23fd; the 21-task
 maxlen table as copied verbatim in several LongBench forks, the stored THUDM copy at f6227eb predates
 multi_news/samsum/passage_retrieval_en). The NAMM reference evaluates these with a BOS token and greedy
-decoding (namm-spec / paper-notes §5).
+decoding (docs/namm-spec.md, section 12).
 
 InfiniteBench and ChouBun: jsonl rows from a local directory. Their official prompts were not
 verified here, so they use a plain "{context}\\n\\n{input}" template unless the caller passes one;

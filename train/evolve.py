@@ -1,4 +1,4 @@
-"""Evolve a NAMM with CMA-ES on a causal LM: the reference recipe (namm-spec.md §2, §4).
+"""Evolve a NAMM with CMA-ES on a causal LM: the reference recipe (docs/namm-spec.md, sections 5 and 11).
 
 - CMA-ES (the maintained `cma` package: active covariance update, elite half, c_m = 1) over the 4172
   flat BAM parameters, mean starting at 0, sigma0 = 0.065; the *mean* is the solution.
@@ -8,8 +8,10 @@
   prompts); prompts are drawn fresh every generation.
 - Stages chain: stage k starts from stage k-1's mean. A checkpoint is written after every generation
   (CMA state + log + the current mean as a NAMM in our format); rerunning the command resumes, and a
-  resumed run reproduces an uninterrupted one exactly. The CMA state holds cma's full covariance
-  (about 280 MB at 4172 parameters once it is materialised), so keep `--out` on a roomy disk.
+  resumed run reproduces an uninterrupted one exactly; a rerun with other options (anything but
+  --device, --out, --max-minutes) is refused, naming them, unless --overwrite starts over. The CMA
+  state holds cma's full covariance (about 280 MB at 4172 parameters once it is materialised), so keep
+  `--out` on a roomy disk.
 - Members are spread over processes/GPUs with accelerate (`accelerate launch -m transfer.cli evolve`):
   every process runs the same CMA-ES (same seeds, same gathered fitness), so their states stay
   identical and only the main process writes.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,11 +32,18 @@ import numpy as np
 import torch
 
 from eval.lm import DEFAULT_LM, answer_batch, load_lm, make_examples
-from transfer.namm import PARAM_SIZE, NAMMConfig, NormStats, save_namm
+from transfer.atomic import write_atomic, write_json_atomic
+from transfer.checkpoint import save_namm
+from transfer.namm import NAMMConfig, NormStats, param_size
 from transfer.policies.full import FullCache
 from transfer.policies.namm import NAMMPolicy
-from transfer.rundir import write_json_atomic
+from transfer.rundir import DirLock, config_diff, model_id
 from transfer.runner import process_device, process_state
+
+NAMM_CONFIG = NAMMConfig()  # the geometry evolved: the released BAM's (docs/namm-spec.md, section 9)
+# Where and how fast a run goes; every other option changes the evolved NAMM (the model enters by content).
+_NOT_IN_KEY = ("device", "out", "max_minutes", "model")
+_RUN_FILES = ("evolution.pkl", "log.json", "fitness.png", "config.json")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Runs on the 2-core CPU in a few minutes: proves the loop, not a useful NAMM.
@@ -83,14 +93,73 @@ def _relative(scores: dict[str, float], full: dict[str, float]) -> float:
     return float(np.mean([scores[t] / max(full[t], 1e-3) for t in full]))
 
 
-def evolve(cfg: EvolveConfig) -> Path:
-    """Run (or resume) every stage; returns the directory of the final NAMM."""
+def run_key(cfg: EvolveConfig) -> dict[str, Any]:
+    """What a rerun must match to resume: every result-changing option, the model by its content."""
+    key = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_KEY}
+    return {**key, "model_id": model_id(cfg.model)}
+
+
+def _stored_key(stored: dict[str, Any]) -> dict[str, Any]:
+    key = {k: v for k, v in stored.items() if k not in _NOT_IN_KEY}
+    if "model_id" not in key:  # written before the key held the model's content
+        key["model_id"] = model_id(stored.get("model"))
+    return key
+
+
+def check_resume(cfg: EvolveConfig) -> None:
+    """Refuse to resume an evolution made with other options (a one-line error naming them)."""
+    out = Path(cfg.out)
+    if not (out / "evolution.pkl").exists():
+        return  # nothing to resume; a config.json alone (a run that died before its first checkpoint) is replaced
+    try:
+        stored = json.loads((out / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{out}: holds an evolution without a readable config.json ({e}); "
+                         "pass --overwrite to start over") from None
+    diff = config_diff(_stored_key(stored), run_key(cfg))
+    if diff:
+        raise ValueError(f"{out} holds an evolution with other options ({diff}); "
+                         "pass --overwrite to start over, or choose another --out")
+
+
+def _clear(out: Path) -> None:
+    """--overwrite: remove a previous evolution's files (and nothing else in --out)."""
+    for name in _RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    if (out / "namm").is_dir():
+        shutil.rmtree(out / "namm")
+
+
+def evolve(cfg: EvolveConfig, overwrite: bool = False) -> Path:
+    """Run (or resume) every stage; returns the directory of the final NAMM. overwrite: start over."""
+    state = process_state()
+    out = Path(cfg.out)
+    if not overwrite:
+        check_resume(cfg)  # every process reads the same files: all refuse together
+    lock = DirLock(out, "evolve run") if state.is_main_process else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if overwrite and state.is_main_process:
+            _clear(out)
+        state.wait_for_everyone()  # no process reads a checkpoint that --overwrite is removing
+        return _evolve(cfg, state)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _namm(theta: torch.Tensor, norm: NormStats) -> NAMMPolicy:
+    return NAMMPolicy(theta=theta, norm=norm, config=NAMM_CONFIG)
+
+
+def _evolve(cfg: EvolveConfig, state: Any) -> Path:
     import cma
 
-    state = process_state()
     started = time.time()
     out = Path(cfg.out)
     ckpt_file = out / "evolution.pkl"
+    n_params = param_size(NAMM_CONFIG)
     device = process_device(cfg.device)
     adapter, tokenizer = load_lm(cfg.model, device)
     torch.manual_seed(cfg.seed)
@@ -104,11 +173,11 @@ def evolve(cfg: EvolveConfig) -> Path:
             print(f"resuming {out}: stage {ckpt['stage'] + 1}, generation {ckpt['generation']}")
     elif state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "config.json", asdict(cfg))
+        write_json_atomic(out / "config.json", {**asdict(cfg), "model_id": run_key(cfg)["model_id"]})
 
     if ckpt["norm"] is None:  # the reference's iteration 0: full-cache statistics with all-zero parameters
         examples = make_examples(cfg.stages[0], cfg.prompts, cfg.length, cfg.seed - 1)
-        stats_policy = NAMMPolicy(torch.zeros(PARAM_SIZE), collect_norm=True)
+        stats_policy = NAMMPolicy(theta=torch.zeros(n_params), config=NAMM_CONFIG, collect_norm=True)
         _stage_fitness(adapter, tokenizer, lambda: stats_policy, examples, cfg)
         ckpt["norm"] = stats_policy.norm
     norm: NormStats = ckpt["norm"]
@@ -116,7 +185,7 @@ def evolve(cfg: EvolveConfig) -> Path:
     while ckpt["stage"] < len(cfg.stages):
         stage, tasks = ckpt["stage"], cfg.stages[ckpt["stage"]]
         if ckpt["es"] is None:
-            x0 = ckpt.get("mean_prev", np.zeros(PARAM_SIZE))
+            x0 = ckpt.get("mean_prev", np.zeros(n_params))
             ckpt["es"] = cma.CMAEvolutionStrategy(
                 x0, cfg.sigma0, {"popsize": cfg.popsize, "seed": cfg.seed + stage, "verbose": -9}
             )
@@ -139,7 +208,7 @@ def evolve(cfg: EvolveConfig) -> Path:
                 for i in share:
                     theta = torch.tensor(members[i], dtype=torch.float32)
                     scores, kept = _stage_fitness(
-                        adapter, tokenizer, lambda t=theta: NAMMPolicy(t, norm), examples, cfg
+                        adapter, tokenizer, lambda t=theta: _namm(t, norm), examples, cfg
                     )
                     local.append((i, _relative(scores, full), kept))
             if state.num_processes > 1:
@@ -152,7 +221,7 @@ def evolve(cfg: EvolveConfig) -> Path:
             es.tell(members, [-f for f in fitness])  # cma minimises
             mean_theta = torch.tensor(es.mean, dtype=torch.float32)
             mean_scores, mean_kept = _stage_fitness(
-                adapter, tokenizer, lambda t=mean_theta: NAMMPolicy(t, norm), examples, cfg
+                adapter, tokenizer, lambda t=mean_theta: _namm(t, norm), examples, cfg
             )
             entry = {
                 "stage": stage + 1, "tasks": tasks, "generation": gen + 1, "best_fitness": max(fitness),
@@ -180,11 +249,9 @@ def evolve(cfg: EvolveConfig) -> Path:
 
 def _save(out: Path, ckpt: dict, theta: torch.Tensor, norm: NormStats, cfg: EvolveConfig) -> None:
     """Checkpoint (atomic), the current mean as a NAMM, the log and the fitness curve."""
-    tmp = out / "evolution.pkl.tmp"
-    tmp.write_bytes(pickle.dumps(ckpt))
-    tmp.replace(out / "evolution.pkl")
+    write_atomic(out / "evolution.pkl", pickle.dumps(ckpt))
     provenance = {"made_by": "namm-transfer evolve", "config": asdict(cfg), "generations_done": len(ckpt["log"])}
-    save_namm(out / "namm", theta, norm, NAMMConfig(), provenance=provenance)
+    save_namm(out / "namm", theta, norm, NAMM_CONFIG, provenance=provenance)
     write_json_atomic(out / "log.json", ckpt["log"])
     plot_fitness(ckpt["log"], out / "fitness.png")
 
@@ -234,6 +301,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="runs/evolve", help="output directory; rerun the same command to resume")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this wall time")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in --out (a rerun with other options is refused without it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -247,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--generations needs one count per stage ({len(preset['stages'])} stages)")
     cfg = EvolveConfig(model=args.model, batch_size=args.batch_size, seed=args.seed, device=args.device,
                        out=args.out, max_minutes=args.max_minutes, **preset)
-    final = evolve(cfg)
+    final = evolve(cfg, overwrite=args.overwrite)
     if not process_state().is_main_process:
         return 0
     print(f"NAMM written to {final}; log and fitness curve in {cfg.out}")

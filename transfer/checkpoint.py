@@ -3,7 +3,7 @@
 Our format is a directory with `namm.safetensors` (theta, norm_mean, norm_var as float32) and `namm.json`
 (format, format_version, config, param_size, norm_count, provenance). The reference format is
 evo-memory's `ckpt.pt`/`latest.pt`: the CMA-ES state dict, whose mean is the solution. Both are
-described in docs/namm-spec.md, section "Checkpoint formats".
+described in docs/namm-spec.md, section 10.
 """
 
 from __future__ import annotations

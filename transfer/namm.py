@@ -3,7 +3,7 @@
 One call of `namm_update` is one (layer, update) of `DeepMP.update_layer_cache_impl_` in SakanaAI/evo-memory:
 attention spectrogram (STFT magnitudes) -> EMA over frames -> frozen per-bin normalisation -> recency
 sinusoids -> backward-attention BAM scorer -> binary selection, as specified in docs/namm-spec.md
-(sections 1-6). Nothing here knows about models, adapters or domains:
+(sections 2-8). Nothing here knows about models, adapters or domains:
 the memory manager feeds GQA-averaged attention and absolute positions, and gathers its own K/V with `keep`.
 Checkpoint I/O (our format, the reference's, the default NAMM) lives in transfer/checkpoint.py.
 """
