@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -455,16 +454,3 @@ def namm_update(
     )
     return NAMMUpdate(scores=scores, keep=keep, buffers=new_buffers, ema=ema)
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoint I/O moved to transfer/checkpoint.py. Temporary re-export until every importer has switched.
-
-_MOVED = ("save_namm", "load_namm", "inspect_namm")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:  # lazily: transfer.checkpoint imports this module
-        from transfer import checkpoint
-
-        return getattr(checkpoint, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
