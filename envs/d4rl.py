@@ -159,14 +159,17 @@ def load_d4rl_hdf5(path: str | os.PathLike, env_name: str | None = None) -> Data
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"D4RL dataset not found: {path}")
-    with h5py.File(path, "r") as f:
-        missing = [k for k in REQUIRED_KEYS if k not in f]
-        if missing:
-            raise ValueError(f"{path}: missing D4RL key(s) {missing}; required: {list(REQUIRED_KEYS)}")
-        obs, act = f["observations"][()], f["actions"][()]
-        rew, term = f["rewards"][()], f["terminals"][()]
-        tout = f["timeouts"][()] if "timeouts" in f else None
-        meta = _read_metadata(f)
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in REQUIRED_KEYS if k not in f]
+            if missing:
+                raise ValueError(f"{path}: missing D4RL key(s) {missing}; required: {list(REQUIRED_KEYS)}")
+            obs, act = f["observations"][()], f["actions"][()]
+            rew, term = f["rewards"][()], f["terminals"][()]
+            tout = f["timeouts"][()] if "timeouts" in f else None
+            meta = _read_metadata(f)
+    except OSError as err:  # not HDF5, truncated, unreadable: h5py's message on one line
+        raise ValueError(f"{path}: cannot read as HDF5 ({str(err).splitlines()[0]})") from None
     n = len(rew)
     if obs.ndim != 2 or act.ndim != 2 or len(obs) != n or len(act) != n or len(term) != n:
         raise ValueError(

@@ -17,7 +17,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.decision_transformer import DecisionTransformerAdapter
+from adapters.decision_transformer import (
+    ROLLOUT_DTYPE,
+    DecisionTransformerAdapter,
+    rollout_sliding_window,
+    stats_digest,
+)
 from envs.d4rl import d4rl_normalized_score
 from envs.mujoco import get_spec, make_env
 from transfer.memory import check_update_interval
@@ -55,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="DT id or path, '{env}' is replaced by the environment name (e.g. "
                         "edbeeching/decision-transformer-gym-{env}-medium); default: the shipped artifacts/rl/dt-<env>")
+    p.add_argument("--state-stats", default=None,
+                   help="JSON with state_mean/state_std ('{env}' replaced); default: state_stats.json beside the "
+                        "weights, the model config, or the public model card's values")
     p.add_argument("--policies", "--policy", default="full,h2o,l2,namm", help="comma-separated policies")
     p.add_argument("--budget", default="match", help="'match' (NAMM's kept fraction) or fractions, e.g. 0.25,0.5")
     p.add_argument("--namm", default=None, help="NAMM checkpoint (default: the shipped NAMM)")
@@ -82,7 +90,9 @@ def evaluate_env(env: str, args: argparse.Namespace) -> dict[str, dict[str, Any]
     check_update_interval(args.update_interval)
     start = time.time()
     model_path = args.model.format(env=env) if args.model else str(default_model(env))
-    adapter = DecisionTransformerAdapter.from_pretrained(model_path, device=process_device(args.device), env_name=env)
+    stats_file = args.state_stats.format(env=env) if getattr(args, "state_stats", None) else None
+    adapter = DecisionTransformerAdapter.from_pretrained(model_path, device=process_device(args.device), env_name=env,
+                                                         state_stats=stats_file)
     cfg = adapter.model.config
     target = args.target_return if args.target_return is not None else float(cfg.target_return)
     episodes = [Episode(env, i) for i in range(args.episodes)]
@@ -90,19 +100,21 @@ def evaluate_env(env: str, args: argparse.Namespace) -> dict[str, dict[str, Any]
         "domain": "rl", "env": env, "version": args.version, "model": model_path, "target_return": target,
         "update_interval": args.update_interval, "max_steps": args.max_steps, "seed": args.seed,
         "episodes": args.episodes, "context_length": int(cfg.context_length),
+        # results depend on both: float64 rollouts (adapters/decision_transformer.py) and the statistics used
+        "rollout_dtype": str(ROLLOUT_DTYPE).removeprefix("torch."), "state_stats": stats_digest(adapter.model),
     }
 
     def evaluate_batch(policy_factory: Any, batch: list[Episode]) -> list[dict[str, Any]]:
         t0 = time.time()
         envs = [make_env(env, args.version) for _ in batch]
-        returns, kept = adapter.rollout(
-            envs, policy_factory, target, args.update_interval, seed=args.seed + batch[0].index,
+        result = adapter.rollout(
+            envs, policy_factory, target, args.update_interval, seed=[args.seed + ep.index for ep in batch],
             max_steps=args.max_steps,
         )
         seconds = (time.time() - t0) / len(batch)
         return [
-            {"id": ep.id, "return": ret, "kept_fraction": k, "seconds": seconds}
-            for ep, ret, k in zip(batch, returns, kept)
+            {"id": ep.id, "return": ret, "kept_fraction": k, "steps": n, "seconds": seconds}
+            for ep, ret, k, n in zip(batch, result.returns, result.kept_fractions, result.lengths)
         ]
 
     out = Path(args.out) / env
@@ -120,8 +132,6 @@ def evaluate_env(env: str, args: argparse.Namespace) -> dict[str, dict[str, Any]
 def sliding_window(adapter: Any, env: str, episodes: list[Episode], target: float, config: dict, out: Path,
                    args: argparse.Namespace) -> dict[str, Any]:
     """The reference row: HF's evaluator re-running the last K steps each env step."""
-    from train.dt import rollout_sliding_window
-
     run = RunDir(out / slug("sliding-window"), {**config, "policy": "sliding-window"})
     if run.finished():
         return run.metrics()

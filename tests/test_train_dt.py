@@ -1,4 +1,6 @@
-"""train/dt.py: batches, tiny training + from_pretrained round trip, load_dt formats, sliding-window rollout."""
+"""train/dt.py: batches, tiny training + from_pretrained round trip, resume, D4RL and Minari data, CLI errors.
+
+The DT runtime it uses (loading, statistics, sliding-window rollout) is tested in test_dt_adapter.py."""
 
 import csv
 import json
@@ -25,17 +27,6 @@ def _write_data(path, env="hopper", n_eps=4, seed=0):
     return write_d4rl_hdf5(path, eps, meta)
 
 
-def _tiny_model(state_dim=11, act_dim=3, context=4, seed=0):
-    from transformers import DecisionTransformerConfig, DecisionTransformerModel
-
-    torch.manual_seed(seed)
-    cfg = DecisionTransformerConfig(state_dim=state_dim, act_dim=act_dim, hidden_size=16, n_layer=1, n_head=1,
-                                    n_inner=32, max_ep_len=1000, action_tanh=True, n_positions=3 * context)
-    cfg.state_mean = np.linspace(-1, 1, state_dim).tolist()
-    cfg.state_std = np.linspace(0.5, 2, state_dim).tolist()
-    return DecisionTransformerModel(cfg).eval()
-
-
 def _tiny_args(data, out, steps=4, **kw):
     args = ["--data", str(data), "--env", "hopper", "--out", str(out), "--context", "4", "--hidden", "16",
             "--layers", "1", "--steps", str(steps), "--batch-size", "8", "--warmup", "2", "--log-every", "2",
@@ -48,24 +39,9 @@ def _tiny_args(data, out, steps=4, **kw):
 # ----------------------------------------------------------------------------- preprocessing
 
 
-def test_rtg_helpers():
+def test_returns_to_go():
     r = np.array([1.0, 2.0, 3.0], np.float32)
     np.testing.assert_array_equal(T.returns_to_go(r), [6.0, 5.0, 3.0])
-    assert T.initial_rtg(3600) == 3.6
-    assert T.update_rtg(3.6, 100.0) == pytest.approx(3.5)
-    np.testing.assert_allclose(T.normalize_state(np.array([3.0, 1.0]), np.array([1.0, 1.0]), np.array([2.0, 0.5])),
-                               [1.0, 0.0])
-
-
-def test_window_inputs_left_pads():
-    s, a = torch.arange(6.0).view(3, 2), torch.ones(3, 1)
-    inp = T.window_inputs(s, a, torch.tensor([3.0, 2.0, 1.0]), torch.arange(3), context=5)
-    assert inp["states"].shape == (1, 5, 2) and inp["returns_to_go"].shape == (1, 5, 1)
-    assert inp["attention_mask"].tolist() == [[0, 0, 1, 1, 1]]
-    assert inp["states"][0, :2].abs().sum() == 0 and torch.equal(inp["states"][0, 2:], s)
-    assert inp["timesteps"].tolist() == [[0, 0, 0, 1, 2]]
-    cut = T.window_inputs(s, a, torch.tensor([3.0, 2.0, 1.0]), torch.arange(3), context=2)
-    assert torch.equal(cut["states"][0], s[1:]) and cut["attention_mask"].tolist() == [[1, 1]]
 
 
 def test_sampler_matches_per_window_reference(tmp_path):
@@ -152,79 +128,83 @@ def test_train_bad_input(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-# ----------------------------------------------------------------------------- load_dt
+# ----------------------------------------------------------------------------- Minari data
 
 
-def test_load_dt_edbeeching_format(tmp_path):
-    m = _tiny_model()
-    m.save_pretrained(tmp_path / "eb")
-    cfg = json.loads((tmp_path / "eb" / "config.json").read_text())
-    assert {"state_dim", "act_dim", "hidden_size", "max_ep_len", "action_tanh", "state_mean", "state_std"} <= set(cfg)
-    loaded = T.load_dt(tmp_path / "eb", env_name="hopper")
-    # transformers 5 drops `max_length` from configs, so edbeeching checkpoints get their K=20 default
-    assert loaded.config.return_scale == 1000.0 and loaded.config.context_length == 20
-    assert loaded.config.target_return == 3600.0 and not loaded.training
-    with pytest.raises(ValueError, match="does not match walker2d"):
-        T.load_dt(tmp_path / "eb", env_name="walker2d")
-    with pytest.raises(FileNotFoundError):
-        T.load_dt(tmp_path / "nothing-here")
-    bare = _tiny_model()
-    del bare.config.state_mean, bare.config.state_std
-    bare.save_pretrained(tmp_path / "bare")
-    with pytest.raises(ValueError, match="no state_mean"):
-        T.load_dt(tmp_path / "bare")
-    ok = T.load_dt(tmp_path / "bare", state_mean=np.zeros(11), state_std=np.ones(11))
-    assert ok.config.state_std == [1.0] * 11
+def _write_minari(root, monkeypatch, dataset_id="mujoco/hopper/tiny-v0"):
+    """A two-episode hopper dataset in Minari's own on-disk layout under `root` (written by minari itself)."""
+    import gymnasium as gym
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    rng = np.random.default_rng(0)
+    bufs = [EpisodeBuffer(id=i, observations=list(rng.normal(size=(n + 1, 11))),
+                          actions=list(rng.uniform(-1, 1, size=(n, 3)).astype(np.float32)),
+                          rewards=list(np.full(n, 2.0)), terminations=[False] * (n - 1) + [True],
+                          truncations=[False] * n)
+            for i, n in enumerate([6, 9])]
+    with pytest.warns(UserWarning):
+        minari.create_dataset_from_buffers(dataset_id, bufs, env=gym.make("Hopper-v5"), ref_min_score=0.0,
+                                           ref_max_score=20.0, algorithm_name="test")
+    monkeypatch.delenv("MINARI_DATASETS_PATH")
+    return bufs
 
 
-# ----------------------------------------------------------------------------- rollout
+def test_train_dt_from_local_minari_dataset(tmp_path, monkeypatch):
+    from transformers import DecisionTransformerModel
+
+    from transfer.cli import main
+
+    root = tmp_path / "minari"
+    bufs = _write_minari(root, monkeypatch)
+    obs = np.concatenate([np.asarray(b.observations[:-1], np.float64) for b in bufs])
+    tiny = ["--context", "4", "--hidden", "16", "--layers", "1", "--steps", "2", "--batch-size", "4", "--warmup", "1",
+            "--log-every", "1", "--threads", "1"]
+    # by id under --minari-root, no --env: the environment comes from the dataset
+    summary = T.main(["--data", "mujoco/hopper/tiny-v0", "--minari-root", str(root), "--out", str(tmp_path / "a")]
+                     + tiny)
+    assert summary["env"] == "hopper" and summary["dataset_episodes"] == 2 and summary["dataset_steps"] == 15
+    assert summary["dataset_metadata"]["expert_return"] == 20.0
+    cfg = DecisionTransformerModel.from_pretrained(tmp_path / "a").config
+    assert cfg.env_name == "hopper" and (cfg.state_dim, cfg.act_dim) == (11, 3)
+    np.testing.assert_allclose(cfg.state_mean, obs.mean(0), rtol=1e-5, atol=1e-6)
+    # by the dataset folder's path, through the CLI
+    assert main(["train", "dt", "--data", str(root / "mujoco" / "hopper" / "tiny-v0"), "--out", str(tmp_path / "b")]
+                + tiny) == 0
+    assert DecisionTransformerModel.from_pretrained(tmp_path / "b").config.state_mean == cfg.state_mean
 
 
-def _hf_example_rollout(model, env, target_return, scale, context, seed, max_steps):
-    """The HF blog evaluation loop (torch.cat history, get_action left padding), written independently."""
-    mean = torch.tensor(model.config.state_mean)
-    std = torch.tensor(model.config.state_std)
-    state, _ = env.reset(seed=seed)
-    states = torch.from_numpy(state).reshape(1, -1).float()
-    actions = torch.zeros((0, model.config.act_dim))
-    rtg = torch.tensor(target_return / scale).reshape(1, 1)
-    timesteps = torch.tensor(0).reshape(1, 1)
-    ret = 0.0
-    for t in range(max_steps):
-        actions = torch.cat([actions, torch.zeros((1, model.config.act_dim))], dim=0)
-        s = ((states - mean) / std)[-context:].reshape(1, -1, model.config.state_dim)
-        a = actions[-context:].reshape(1, -1, model.config.act_dim)
-        r = rtg[:, -context:].reshape(1, -1, 1)
-        ts = timesteps[:, -context:]
-        pad = context - s.shape[1]
-        mask = torch.cat([torch.zeros(pad), torch.ones(s.shape[1])]).long().reshape(1, -1)
-        s = torch.cat([torch.zeros((1, pad, s.shape[2])), s], dim=1)
-        a = torch.cat([torch.zeros((1, pad, a.shape[2])), a], dim=1)
-        r = torch.cat([torch.zeros((1, pad, 1)), r], dim=1)
-        ts = torch.cat([torch.zeros((1, pad), dtype=torch.long), ts], dim=1)
-        with torch.no_grad():
-            action = model(states=s, actions=a, rewards=torch.zeros(1, context, 1), returns_to_go=r, timesteps=ts,
-                           attention_mask=mask).action_preds[0, -1]
-        actions[-1] = action
-        state, reward, term, trunc, _ = env.step(action.numpy())
-        ret += reward
-        states = torch.cat([states, torch.from_numpy(state).reshape(1, -1).float()], dim=0)
-        rtg = torch.cat([rtg, (rtg[0, -1] - reward / scale).reshape(1, 1)], dim=1)
-        timesteps = torch.cat([timesteps, torch.ones((1, 1), dtype=torch.long) * (t + 1)], dim=1)
-        if term or trunc:
-            break
-    return ret
+# ----------------------------------------------------------------------------- CLI errors
 
 
-def test_sliding_window_rollout_matches_hf_example():
-    from envs.mujoco import make_env
+def test_train_dt_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    from transfer.cli import main
 
-    model = _tiny_model(context=4)
-    model.config.return_scale = 1000.0
-    env = make_env("hopper")
-    rets = T.rollout_sliding_window(model, env, target_return=3600.0, context=4, episodes=2, seed=5, max_steps=9)
-    assert len(rets) == 2 and np.isfinite(rets).all() and rets[0] != rets[1]
-    ref = [_hf_example_rollout(model, env, 3600.0, 1000.0, 4, seed, 9) for seed in (5, 6)]
-    np.testing.assert_allclose(rets, ref, rtol=1e-5)
-    with pytest.raises(ValueError, match="does not match the model's state_dim=11"):
-        T.rollout_sliding_window(model, make_env("walker2d"), target_return=1.0, episodes=1, max_steps=2)
+    data = _write_data(tmp_path / "d.hdf5")
+    (tmp_path / "cut.hdf5").write_bytes(data.read_bytes()[:300])  # a truncated download
+    _write_minari(tmp_path / "minari", monkeypatch)
+    out = tmp_path / "out"
+    cases = {
+        "D4RL dataset not found": ["--data", str(tmp_path / "missing.hdf5")],
+        "cannot read as HDF5": ["--data", str(tmp_path / "cut.hdf5")],
+        "does not match walker2d": ["--data", str(data), "--env", "walker2d"],
+        "unknown environment 'ant'": ["--data", str(data), "--env", "ant"],
+        "Minari dataset 'mujoco/hopper/medium-v0' not found": ["--data", "mujoco/hopper/medium-v0", "--minari-root",
+                                                               str(tmp_path / "minari")],
+        "Minari dataset .* does not match walker2d": ["--data", "mujoco/hopper/tiny-v0", "--minari-root",
+                                                      str(tmp_path / "minari"), "--env", "walker2d"],
+        "--steps must be >= 1": ["--data", str(data), "--steps", "0"],
+        "--hidden 10 must be divisible by --heads 3": ["--data", str(data), "--hidden", "10", "--heads", "3"],
+    }
+    if not torch.cuda.is_available():
+        cases["CUDA is not available"] = ["--data", str(data), "--device", "cuda"]
+    for message, args in cases.items():
+        rc = main(["train", "dt", "--out", str(out)] + args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), (message, err)
+        assert __import__("re").search(message, err[0]), (message, err[0])
+        assert not out.exists() and not (tmp_path / "out.partial").exists(), message
+    rc = main(["train", "dt", "eval", str(tmp_path / "no-model"), "--episodes", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "no-model" in err[0]

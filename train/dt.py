@@ -1,7 +1,8 @@
-"""Train a small Decision Transformer (HF `DecisionTransformerModel`, GPT-2 backbone) on a D4RL-format hdf5.
+"""Train a small Decision Transformer (HF `DecisionTransformerModel`, GPT-2 backbone) on an offline dataset.
 
-    python -m train.dt --data artifacts/rl/data/hopper-medium-v5.hdf5 --env hopper --out artifacts/rl/dt-hopper \
+    namm-transfer train dt --data artifacts/rl/data/hopper-medium-v5.hdf5 --out artifacts/rl/dt-hopper \
         --context 64 --steps 3000
+    namm-transfer train dt --data mujoco/hopper/medium-v0 --out runs/dt-hopper   # local Minari id (or folder)
 
 Follows the DT paper / CORL recipe: returns-to-go divided by `return_scale` (1000), states normalised with
 the dataset mean/std, timestep embeddings, tanh actions, trajectories sampled in proportion to their length,
@@ -10,7 +11,8 @@ AdamW with linear warmup, grad-norm clip 0.25, MSE on the predicted actions. The
 
 The saved folder loads with `DecisionTransformerModel.from_pretrained(dir)`; its config also carries
 `state_mean`, `state_std` (lists, edbeeching format), `return_scale`, `target_return`, `env_name`,
-`env_version` and `context_length`. `rollout_sliding_window` is the no-cache reference evaluator (HF example).
+`env_version` and `context_length`. Only the trainer lives here: loading and running a DT (statistics,
+return-to-go, the sliding-window evaluator) is `adapters/decision_transformer.py`.
 """
 
 from __future__ import annotations
@@ -24,23 +26,24 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from envs.d4rl import Dataset, d4rl_normalized_score, load_d4rl_hdf5, normalized_score
+from adapters.decision_transformer import DEFAULT_SCALE, load_dt, normalize_state, rollout_sliding_window
+from envs.d4rl import Dataset, d4rl_normalized_score, normalized_score
+from envs.minari_data import load_dataset
 from envs.mujoco import get_spec
-
-DEFAULT_SCALE = 1000.0
 
 
 @dataclass
 class DTConfig:
-    data: str = ""
-    env: str = "hopper"
+    data: str = ""  # D4RL-format hdf5, Minari dataset folder, or local Minari dataset id
+    env: str = ""  # default: the dataset's environment
     out: str = "runs/dt"
+    minari_root: str = ""  # where Minari ids are looked up (default $MINARI_DATASETS_PATH or ~/.minari/datasets)
     version: str = "v5"
     context: int = 64  # K steps; the model sees 3K tokens (R, s, a)
     hidden: int = 128
@@ -66,63 +69,12 @@ class DTConfig:
     eval_max_steps: int = 1000
 
 
-# ----------------------------------------------------------------------------- preprocessing (shared)
-
-
-def normalize_state(state, mean, std):
-    """(s - mean) / std with the dataset statistics stored in the model config."""
-    return (state - mean) / std
-
-
-def initial_rtg(target_return: float, scale: float = DEFAULT_SCALE) -> float:
-    """First return-to-go token: the desired episode return in model units."""
-    return float(target_return) / float(scale)
-
-
-def update_rtg(rtg: float, reward: float, scale: float = DEFAULT_SCALE) -> float:
-    """rtg_{t+1} = rtg_t - r_t / scale (DT paper)."""
-    return rtg - float(reward) / float(scale)
+# ----------------------------------------------------------------------------- preprocessing
 
 
 def returns_to_go(rewards: np.ndarray) -> np.ndarray:
     """Undiscounted suffix sums: rtg[t] = sum_{t' >= t} r[t']."""
     return np.cumsum(rewards[::-1], dtype=np.float64)[::-1].astype(np.float32)
-
-
-def model_stats(model) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(state_mean, state_std, return_scale) from a model config; float32 tensors on the model's device."""
-    cfg = model.config
-    dev = next(model.parameters()).device
-    mean = torch.tensor(cfg.state_mean, dtype=torch.float32, device=dev)
-    std = torch.tensor(cfg.state_std, dtype=torch.float32, device=dev)
-    return mean, std, float(getattr(cfg, "return_scale", DEFAULT_SCALE))
-
-
-def window_inputs(states, actions, rtg, timesteps, context: int):
-    """Last `context` steps of one history, left-padded with zeros and mask 0 (HF DT example `get_action`).
-
-    states (T, obs_dim) already normalised, actions (T, act_dim) with zeros for the current step,
-    rtg (T,), timesteps (T,) -> dict of batch-1 model inputs, each (1, context, ...).
-    """
-    states, actions = states[-context:], actions[-context:]
-    rtg, timesteps = rtg[-context:], timesteps[-context:]
-    pad = context - states.shape[0]
-    dev = states.device
-
-    def left(x, value=0):
-        shape = (pad,) + tuple(x.shape[1:])
-        return torch.cat([torch.full(shape, value, dtype=x.dtype, device=dev), x], 0).unsqueeze(0)
-
-    mask = torch.cat([torch.zeros(pad, dtype=torch.long, device=dev), torch.ones(states.shape[0], dtype=torch.long,
-                                                                                   device=dev)])
-    return {
-        "states": left(states),
-        "actions": left(actions),
-        "rewards": torch.zeros(1, context, 1, device=dev),  # unused by the model, kept for the signature
-        "returns_to_go": left(rtg).unsqueeze(-1),
-        "timesteps": left(timesteps),
-        "attention_mask": mask.unsqueeze(0),
-    }
 
 
 # ----------------------------------------------------------------------------- batches
@@ -192,96 +144,6 @@ def build_model(cfg: DTConfig, state_dim: int, act_dim: int, state_mean, state_s
     return DecisionTransformerModel(mcfg)
 
 
-def load_dt(id_or_path: str | os.PathLike, env_name: str | None = None, device: str = "cpu",
-            state_mean=None, state_std=None):
-    """Load our folders or an edbeeching-style checkpoint (state_mean/std in config) in eval mode.
-
-    Missing fields get the edbeeching defaults (return_scale 1000, context = config.max_length or 20,
-    target = the DT paper's target); `env_name` (or config.env_name) is checked against state/act sizes.
-    """
-    from transformers import DecisionTransformerModel
-
-    p = Path(id_or_path)
-    if p.exists() and not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p}: not a model folder (no config.json)")
-    try:
-        model = DecisionTransformerModel.from_pretrained(str(id_or_path))
-    except OSError as e:
-        raise FileNotFoundError(f"cannot load Decision Transformer {str(id_or_path)!r}: {e}") from None
-    cfg = model.config
-    if state_mean is not None:
-        cfg.state_mean, cfg.state_std = [float(x) for x in state_mean], [float(x) for x in state_std]
-    if getattr(cfg, "state_mean", None) is None or getattr(cfg, "state_std", None) is None:
-        raise ValueError(f"{id_or_path}: config has no state_mean/state_std; pass them explicitly")
-    if len(cfg.state_mean) != cfg.state_dim or len(cfg.state_std) != cfg.state_dim:
-        raise ValueError(f"{id_or_path}: state_mean/state_std length does not match state_dim={cfg.state_dim}")
-    name = env_name or getattr(cfg, "env_name", None)
-    if name is not None:
-        spec = get_spec(name)
-        if cfg.state_dim != spec.obs_dim or cfg.act_dim != spec.act_dim:
-            raise ValueError(f"{id_or_path}: model state/action size {cfg.state_dim}/{cfg.act_dim} does not match "
-                             f"{spec.name} ({spec.obs_dim}/{spec.act_dim})")
-        cfg.env_name = spec.name
-        if getattr(cfg, "target_return", None) is None:
-            cfg.target_return = spec.target_return
-    if getattr(cfg, "return_scale", None) is None:
-        cfg.return_scale = DEFAULT_SCALE
-    if getattr(cfg, "context_length", None) is None:
-        cfg.context_length = int(getattr(cfg, "max_length", None) or 20)  # v5 drops max_length: K=20
-    return model.to(device).eval()
-
-
-# ----------------------------------------------------------------------------- reference rollout
-
-
-@torch.no_grad()
-def rollout_sliding_window(model, env, target_return: float | None = None, context: int | None = None,
-                           episodes: int = 1, seed: int = 0, device: str | torch.device = "cpu",
-                           max_steps: int | None = None) -> list[float]:
-    """Episode returns with the HF-example evaluator: every env step re-runs the last K steps, no cache.
-
-    `env` is a gymnasium env or an env name; states are normalised with the config's mean/std,
-    rtg starts at target_return/scale and drops by r/scale each step, the current action is zero,
-    and the window is left-padded with attention_mask 0. `max_steps` shortens episodes (default 1000).
-    """
-    if isinstance(env, str):
-        from envs.mujoco import make_env
-
-        env = make_env(env, getattr(model.config, "env_version", "v5"))
-    model = model.to(device).eval()
-    cfg = model.config
-    obs_dim, act_dim = cfg.state_dim, cfg.act_dim
-    if env.observation_space.shape != (obs_dim,):
-        raise ValueError(f"env observation shape {env.observation_space.shape} does not match the model's "
-                         f"state_dim={obs_dim}")
-    mean, std, scale = model_stats(model)
-    context = int(context or getattr(cfg, "context_length", None) or getattr(cfg, "max_length", 20))
-    target = float(target_return if target_return is not None else cfg.target_return)
-    horizon = int(max_steps or cfg.max_ep_len)
-    returns = []
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=seed + ep)
-        states = torch.zeros(horizon + 1, obs_dim, device=device)  # normalised states
-        actions = torch.zeros(horizon, act_dim, device=device)
-        rtg = torch.zeros(horizon + 1, device=device)
-        timesteps = torch.arange(horizon + 1, device=device).clamp(max=cfg.max_ep_len - 1)
-        states[0] = normalize_state(torch.as_tensor(obs, dtype=torch.float32, device=device), mean, std)
-        rtg[0] = initial_rtg(target, scale)
-        ep_ret = 0.0
-        for t in range(horizon):
-            inp = window_inputs(states[: t + 1], actions[: t + 1], rtg[: t + 1], timesteps[: t + 1], context)
-            action = model(**inp).action_preds[0, -1]
-            actions[t] = action
-            obs, r, term, trunc, _ = env.step(action.cpu().numpy())
-            ep_ret += float(r)
-            states[t + 1] = normalize_state(torch.as_tensor(obs, dtype=torch.float32, device=device), mean, std)
-            rtg[t + 1] = update_rtg(float(rtg[t]), r, scale)
-            if term or trunc:
-                break
-        returns.append(ep_ret)
-    return returns
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -335,12 +197,41 @@ def plot_curve(out: Path) -> None:
     plt.close(fig)
 
 
+def validate(cfg: DTConfig) -> None:
+    """Every option checked before any work, each failure one line (ValueError)."""
+    if not cfg.data:
+        raise ValueError("--data is required (D4RL hdf5, Minari dataset folder or local Minari id)")
+    if cfg.env:
+        get_spec(cfg.env)
+    for name in ("context", "steps", "batch_size", "hidden", "layers", "heads", "max_ep_len", "log_every",
+                 "ckpt_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.hidden % cfg.heads:
+        raise ValueError(f"--hidden {cfg.hidden} must be divisible by --heads {cfg.heads}")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.return_scale <= 0 or cfg.lr <= 0:
+        raise ValueError("--return-scale and --lr must be > 0")
+    if cfg.threads < 0 or cfg.eval_episodes < 0 or cfg.eval_max_steps < 1 or cfg.warmup < 0:
+        raise ValueError("--threads, --eval-episodes and --warmup must be >= 0, --eval-max-steps >= 1")
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
+    if cfg.eval_episodes:
+        from envs.mujoco import check_version
+
+        check_version(cfg.version)
+
+
 def train(cfg: DTConfig, command: str | None = None) -> dict:
     """Train, save (atomically) and optionally evaluate; resumes from `<out>.partial/resume.pt`."""
-    spec = get_spec(cfg.env)
-    if cfg.context < 1 or cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError("context, steps and batch_size must be >= 1")
-    data = load_d4rl_hdf5(cfg.data, env_name=spec.name)
+    validate(cfg)
+    data = load_dataset(cfg.data, env_name=get_spec(cfg.env).name if cfg.env else None,
+                        minari_root=cfg.minari_root or None)
+    if data.env_name is None:
+        raise ValueError(f"--data {cfg.data}: the dataset does not name its environment; pass --env")
+    spec = get_spec(data.env_name)
+    cfg = replace(cfg, env=spec.name)  # the model config and summary name the dataset's environment
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -463,10 +354,13 @@ def save_run(model, rows: list[dict], summary: dict, out: Path, partial: Path | 
 
 def parse_args(argv: list[str] | None = None) -> DTConfig:
     d = DTConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="D4RL-format hdf5")
-    p.add_argument("--env", required=True, help="hopper | halfcheetah | walker2d")
+    p = argparse.ArgumentParser(prog="namm-transfer train dt", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True,
+                   help="D4RL-format hdf5, a Minari dataset folder, or a local Minari dataset id (no download)")
+    p.add_argument("--env", default="", help="hopper | halfcheetah | walker2d (default: the dataset's)")
     p.add_argument("--out", required=True)
+    p.add_argument("--minari-root", default="", help="root of local Minari datasets (default: $MINARI_DATASETS_PATH "
+                                                     "or ~/.minari/datasets)")
     for name in ("version", "context", "hidden", "layers", "heads", "dropout", "max_ep_len", "return_scale",
                  "target_return", "steps", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "seed",
                  "device", "threads", "log_every", "ckpt_every", "max_minutes", "eval_episodes", "eval_max_steps"):
@@ -542,16 +436,22 @@ def write_provenance(path: Path, summary: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] == "eval":  # python -m train.dt eval DIR [--episodes N] [--max-steps T] [--seed S]
-        p = argparse.ArgumentParser(description="evaluate a trained DT folder with rollout_sliding_window")
+        p = argparse.ArgumentParser(prog="namm-transfer train dt eval",
+                                    description="evaluate a trained DT folder with rollout_sliding_window")
         p.add_argument("dir")
         p.add_argument("--episodes", type=int, default=5)
         p.add_argument("--max-steps", type=int, default=1000)
         p.add_argument("--seed", type=int, default=100)
         a = p.parse_args(args[1:])
+        if a.episodes < 1 or a.max_steps < 1:
+            raise ValueError(f"--episodes and --max-steps must be >= 1, got {a.episodes} and {a.max_steps}")
         return evaluate_dir(a.dir, a.episodes, a.max_steps, a.seed)
     cfg = parse_args(argv)
     return train(cfg, command="python -m train.dt " + " ".join(args))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:  # user errors: one line, as `namm-transfer train dt`
+        sys.exit(f"error: {err}")

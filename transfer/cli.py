@@ -105,11 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) >= 2 and argv[0] == "train" and argv[1] in TRAINERS:  # the trainer parses its own options
-        __import__(TRAINERS[argv[1]][0], fromlist=["main"]).main(argv[2:])
-        return 0
-    args = build_parser().parse_args(argv)
+    train = len(argv) >= 2 and argv[0] == "train" and argv[1] in TRAINERS  # the trainer parses its own options
+    args = None if train else build_parser().parse_args(argv)
     try:
+        if train:
+            __import__(TRAINERS[argv[1]][0], fromlist=["main"]).main(argv[2:])
+            return 0
         result = args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
