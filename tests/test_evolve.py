@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from conftest import tiny_lm_dir
 
-from transfer.cli import main
 from transfer.checkpoint import load_namm
+from transfer.cli import main
 
 ARGS = ["evolve", "--stages", "niah_single", "vt", "--generations", "2", "1", "--popsize", "4", "--prompts", "2",
         "--length", "256", "--update-interval", "64", "--batch-size", "4", "--device", "cpu"]

@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import random_namm_theta, tiny_lm_dir
 
-from transfer.cli import main
 from transfer.checkpoint import load_namm, save_namm
+from transfer.cli import main
 from transfer.namm import NAMMConfig, NormStats
 from transfer.rundir import slug
 
