@@ -168,7 +168,8 @@ def summarize(benchmark: str, items: list[VideoItem], split: str = "val", submis
             if submission_dir is not None and rows:
                 file = write_submission(submission_dir, rows[0].get("policy", "policy"), answered)
                 out["submission"] = str(file)
-            return {**out, "score": None, "acc": None, "n": len(answered), "per_task": {}, "split": "test"}
+            return {**out, "score": None, "acc": None, "n": len(answered), "per_task": {}, "split": "test",
+                    "unscored": True}
         if not answered:
             return {**out, "score": None, "acc": None, "n": 0, "per_task": {}}
         exs = [examples[q["id"]] for q in answered]

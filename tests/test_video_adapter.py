@@ -130,7 +130,8 @@ def test_kept_fraction_with_budget(tok, frames):
     adapter = _adapter(tok)
     _, kept_full = adapter.answer_many(adapter.new_memory(make_policy("full"), 32), frames, QUESTIONS[:2], 4)
     assert kept_full == [1.0, 1.0]
-    memory = adapter.new_memory(make_policy("l2", budget=0.25), update_interval=32)
+    # every layer compressed (skip_layers=()), so the mean kept fraction is the budget itself
+    memory = adapter.new_memory(make_policy("l2", budget=0.25, skip_layers=()), update_interval=32)
     _, kept = adapter.answer_many(memory, frames, QUESTIONS[:2], 4)
     assert all(0.2 < k < 0.4 for k in kept)
     assert max(memory.cache_tokens()) < memory.n_fed
