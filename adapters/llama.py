@@ -39,6 +39,11 @@ class CausalLMAdapter(Adapter):
         input_ids = input_ids.to(self.device)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         valid = valid.to(self.device)
+        pad = (-input_ids.shape[1]) % memory.update_interval if memory.n_fed == 0 else 0
+        if pad:  # a new prompt is left-padded to whole update intervals, so that its updates are counted back
+            # from its end: a left-padded batch then updates each prompt where batch 1 would
+            input_ids = torch.nn.functional.pad(input_ids, (pad, 0))
+            valid = torch.nn.functional.pad(valid, (pad, 0), value=False)
 
         def forward(start: int, end: int, positions: torch.Tensor) -> torch.Tensor:
             out = self.model(

@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-
 from adapters.decision_transformer import (
     ROLLOUT_DTYPE,
     DecisionTransformerAdapter,
@@ -25,9 +23,8 @@ from adapters.decision_transformer import (
 )
 from envs.d4rl import d4rl_normalized_score
 from envs.mujoco import get_spec, make_env
-from transfer.memory import check_update_interval
 from transfer.rundir import RunDir, slug
-from transfer.runner import evaluate_policies, parse_policies, process_device
+from transfer.runner import RunOptions, add_reference_row, add_run_arguments, evaluate_policies, run_key
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ENVS = "hopper,halfcheetah,walker2d"
@@ -63,20 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-stats", default=None,
                    help="JSON with state_mean/state_std ('{env}' replaced); default: state_stats.json beside the "
                         "weights, the model config, or the public model card's values")
-    p.add_argument("--policies", "--policy", default="full,h2o,l2,namm", help="comma-separated policies")
-    p.add_argument("--budget", default="match", help="'match' (NAMM's kept fraction) or fractions, e.g. 0.25,0.5")
-    p.add_argument("--namm", default=None, help="NAMM checkpoint (default: the shipped NAMM)")
-    p.add_argument("--namm-precision", choices=["fp32", "fast"], default="fp32",
-                   help="fp32: the reference's precision; fast: the NAMM's BAM attention in fp16 on CUDA")
-    p.add_argument("--episodes", type=int, default=5)
+    p.add_argument("--episodes", "--limit", dest="episodes", type=int, default=5, help="episodes per environment")
     p.add_argument("--target-return", type=float, default=None, help="default: the model config's (DT paper's)")
-    p.add_argument("--update-interval", type=int, default=96, help="cache tokens between updates (32 env steps)")
     p.add_argument("--max-steps", type=int, default=1000, help="episode length cap (1000 = standard)")
     p.add_argument("--version", default="v5", help="gymnasium MuJoCo version (v5 or v4)")
     p.add_argument("--no-window", action="store_true", help="skip the sliding-window (no cache) reference row")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="runs/rl")
+    add_run_arguments(p, batch_size=16, out="runs/rl")
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
@@ -87,18 +77,20 @@ def evaluate_env(env: str, args: argparse.Namespace) -> dict[str, dict[str, Any]
     """Every policy on one environment; prints and returns {policy label: metrics}."""
     from eval.tables import print_domain_table
 
-    check_update_interval(args.update_interval)
+    options = RunOptions.from_args(args)
+    if args.episodes < 1 or args.max_steps < 1:
+        raise ValueError("--episodes and --max-steps must be at least 1")
     start = time.time()
     model_path = args.model.format(env=env) if args.model else str(default_model(env))
     stats_file = args.state_stats.format(env=env) if getattr(args, "state_stats", None) else None
-    adapter = DecisionTransformerAdapter.from_pretrained(model_path, device=process_device(args.device), env_name=env,
+    adapter = DecisionTransformerAdapter.from_pretrained(model_path, device=options.resolved_device(), env_name=env,
                                                          state_stats=stats_file)
     cfg = adapter.model.config
     target = args.target_return if args.target_return is not None else float(cfg.target_return)
     episodes = [Episode(env, i) for i in range(args.episodes)]
     config = {
         "domain": "rl", "env": env, "version": args.version, "model": model_path, "target_return": target,
-        "update_interval": args.update_interval, "max_steps": args.max_steps, "seed": args.seed,
+        "max_steps": args.max_steps, "seed": args.seed,
         "episodes": args.episodes, "context_length": int(cfg.context_length),
         # results depend on both: float64 rollouts (adapters/decision_transformer.py) and the statistics used
         "rollout_dtype": str(ROLLOUT_DTYPE).removeprefix("torch."), "state_stats": stats_digest(adapter.model),
@@ -108,40 +100,46 @@ def evaluate_env(env: str, args: argparse.Namespace) -> dict[str, dict[str, Any]
         t0 = time.time()
         envs = [make_env(env, args.version) for _ in batch]
         result = adapter.rollout(
-            envs, policy_factory, target, args.update_interval, seed=[args.seed + ep.index for ep in batch],
+            envs, policy_factory, target, options.update_interval, seed=[args.seed + ep.index for ep in batch],
             max_steps=args.max_steps,
         )
         seconds = (time.time() - t0) / len(batch)
         return [
-            {"id": ep.id, "return": ret, "kept_fraction": k, "steps": n, "seconds": seconds}
+            {"id": ep.id, "return": ret, "score": float(d4rl_normalized_score(env, ret)), "kept_fraction": k,
+             "steps": n, "seconds": seconds}
             for ep, ret, k, n in zip(batch, result.returns, result.kept_fractions, result.lengths)
         ]
 
     out = Path(args.out) / env
-    results = evaluate_policies(
-        parse_policies(args.policies, args.budget), episodes, evaluate_batch, summarize(env), out, config,
-        namm=args.namm, batch_size=args.episodes, namm_precision=args.namm_precision,
-    )
+    results = evaluate_policies(episodes, evaluate_batch, summarize(env), out, config, options)
     if not args.no_window:
-        window = sliding_window(adapter, env, episodes, target, config, out, args)
-        results = {"sliding window (no cache)": window, **results}
-    print_domain_table(f"Offline RL: {env} (D4RL-normalised score)", results, time.time() - start)
+        window, rows = sliding_window(adapter, env, episodes, target, config, out, args)
+        results = add_reference_row(results, "sliding window (no cache)", window, rows)
+    print_domain_table(f"Offline RL: {env} (D4RL-normalised score)", results, time.time() - start, options.header())
     return results
 
 
 def sliding_window(adapter: Any, env: str, episodes: list[Episode], target: float, config: dict, out: Path,
-                   args: argparse.Namespace) -> dict[str, Any]:
+                   args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The reference row: HF's evaluator re-running the last K steps each env step."""
-    run = RunDir(out / slug("sliding-window"), {**config, "policy": "sliding-window"})
+    key, info = run_key(config, RunOptions.from_args(args))
+    run = RunDir(out / slug("sliding-window"), {**key, "policy": "sliding-window"}, overwrite=args.overwrite, info=info)
     if run.finished():
-        return run.metrics()
+        return run.metrics(), run.predictions()
+    with run:
+        return _sliding_window_rows(run, adapter, env, episodes, target, args)
+
+
+def _sliding_window_rows(run: RunDir, adapter: Any, env: str, episodes: list[Episode], target: float,
+                         args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     rows = []
     for ep in episodes:
         t0 = time.time()
         ret = rollout_sliding_window(adapter.model, make_env(env, args.version), target, episodes=1,
-                                     seed=args.seed + ep.index, device=args.device, max_steps=args.max_steps)[0]
-        rows.append({"id": ep.id, "return": ret, "kept_fraction": 1.0, "seconds": time.time() - t0})
+                                     seed=args.seed + ep.index, device=str(adapter.device), max_steps=args.max_steps)[0]
+        rows.append({"id": ep.id, "return": ret, "score": float(d4rl_normalized_score(env, ret)),
+                     "kept_fraction": 1.0, "seconds": time.time() - t0})
         run.add_prediction(rows[-1])
-    metrics = {**summarize(env)(rows), "policy": "sliding-window", "kept_fraction": None}
-    run.write_metrics(metrics)
-    return metrics
+    metrics = {**summarize(env)(rows), "policy": "sliding-window", "kept_fraction": None, "n_examples": len(rows)}
+    run.finish(metrics)
+    return metrics, rows

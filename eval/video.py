@@ -47,9 +47,8 @@ from tasks.video_bench import (
     parse_predictions,
 )
 from tasks.video_io import FRAME_SAMPLINGS
-from transfer.memory import check_update_interval
 from transfer.rundir import slug
-from transfer.runner import evaluate_policies, parse_policies
+from transfer.runner import RunOptions, add_run_arguments, evaluate_policies
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH_DIR = ROOT / "artifacts" / "video" / "synth-lvb"
@@ -196,6 +195,13 @@ def write_submission(submission_dir: Path, policy: str, answered: list[dict[str,
     return file
 
 
+def question_units(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, float]]:
+    """Bootstrap units: the questions of one video are resampled together (a cluster bootstrap);
+    MLVU's M-Avg averages tasks, so its questions are resampled within their task."""
+    return [(str(q.get("task", "")), str(row["id"]), str(q["id"]), float(q["correct"]))
+            for row in rows for q in row.get("questions", []) if q.get("correct") is not None]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", default="synthetic", choices=BENCHMARKS)
     p.add_argument("--split", default="val", choices=tuple(LVB_SPLITS),
@@ -216,23 +222,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default for synthetic: the shipped set artifacts/video/synth-lvb")
     p.add_argument("--model", default=None,
                    help="LLaVA-NeXT-Video id or path; default: the shipped tiny model in artifacts/video/")
-    p.add_argument("--policies", "--policy", default="full,h2o,l2,namm", help="comma-separated policies")
-    p.add_argument("--budget", default="match", help="'match' (NAMM's kept fraction) or fractions, e.g. 0.25,0.5")
-    p.add_argument("--namm", default=None, help="NAMM checkpoint (default: the shipped NAMM)")
-    p.add_argument("--namm-precision", choices=["fp32", "fast"], default="fp32",
-                   help="fp32: the reference's precision; fast: the NAMM's BAM attention in fp16 on CUDA")
     p.add_argument("--frames", type=int, default=32,
                    help="frames per video (with --frame-sampling lvb-official: at most this many)")
-    p.add_argument("--update-interval", type=int, default=128, help="cache tokens between memory updates")
     p.add_argument("--chunk-size", type=int, default=512, help="max tokens per forward")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the benchmark's (LVB 32, MLVU 16)")
     p.add_argument("--limit", type=int, default=None, help="only the first N videos")
     p.add_argument("--backend", default="pyav", choices=("pyav", "decord", "auto"), help="video decoder")
     p.add_argument("--seed", type=int, default=0, help="seed of the random fallback letter for unparsable replies")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--out", default="runs/video")
+    add_run_arguments(p, batch_size=1, out="runs/video")
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -241,20 +240,20 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from eval.tables import print_domain_table
     from tasks.video_io import VideoError, read_video
 
-    check_update_interval(args.update_interval)
+    run_options = RunOptions.from_args(args)
+    device = run_options.resolved_device()
     start = time.time()
     if args.frames <= 0:
         raise ValueError(f"--frames must be positive, got {args.frames}")
     data_dir = Path(args.data) if args.data else default_data(args.benchmark)
-    specs = parse_policies(args.policies, args.budget)
     if args.subtitles and args.benchmark == "mlvu":
         raise ValueError("--subtitles applies to LongVideoBench-layout data only (MLVU has no subtitle files)")
     tasks = parse_mlvu_tasks(args.tasks)
     items = load_items(args.benchmark, data_dir, args.limit, args.split, tasks)
     model_path = str(args.model or default_model())
-    dtype = {"auto": torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32,
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    adapter = LlavaNextVideoAdapter.from_pretrained(model_path, device=args.device, dtype=dtype)
+    adapter = LlavaNextVideoAdapter.from_pretrained(model_path, device=device, dtype=dtype)
     size = processor_frame_size(adapter.processor)  # the tiny processor's square frames; HF resizes itself
     video_token = getattr(adapter.processor, "video_token", "<video>")
     default_tokens = MLVU_MAX_NEW_TOKENS if args.benchmark == "mlvu" else LVB_MAX_NEW_TOKENS
@@ -262,7 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     parser = "mlvu" if args.benchmark == "mlvu" else "longvideobench"
     config = {
         "domain": "video", "benchmark": args.benchmark, "data": str(data_dir), "model": model_path,
-        "frames": args.frames, "update_interval": args.update_interval, "chunk_size": args.chunk_size,
+        "frames": args.frames, "chunk_size": args.chunk_size,
         "max_new_tokens": max_new_tokens, "limit": args.limit, "seed": args.seed, "dtype": str(dtype),
         "n_videos": len(items), "n_questions": sum(len(i.questions) for i in items),
     }
@@ -288,7 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                 continue
             policy = policy_factory()
             budget = getattr(policy, "budget", None)
-            memory = adapter.new_memory(policy, update_interval=args.update_interval)
+            memory = adapter.new_memory(policy, update_interval=run_options.update_interval)
             replies, kept = adapter.answer_many(memory, clip.frames, [q.prompt for q in item.questions],
                                                 max_new_tokens, prompt_fn=lambda q, v=visual: build_prompt(q, v),
                                                 chunk_size=args.chunk_size)
@@ -306,10 +305,9 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         return rows
 
     out = Path(args.out) / slug(args.benchmark, Path(model_path).name, f"{args.frames}f",
-                                f"ui{args.update_interval}", *(option_slug(k, v) for k, v in extra.items()))
+                                f"ui{run_options.update_interval}", *(option_slug(k, v) for k, v in extra.items()))
     summary = summarize(args.benchmark, items, args.split, out / "submissions")
-    results = evaluate_policies(specs, items, evaluate_batch, summary, out, config,
-                                namm=args.namm, batch_size=1, namm_precision=args.namm_precision)
+    results = evaluate_policies(items, evaluate_batch, summary, out, config, run_options, units=question_units)
     if args.benchmark == "mlvu":
         averaged = max((m.get("m_avg_tasks", []) for m in results.values()), key=len, default=[])
         metric = f"M-Avg over {len(averaged)} of {len(MLVU_DEV_TASKS)} tasks: {', '.join(averaged)}"
@@ -318,7 +316,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     sampling = f", {args.frame_sampling} sampling" if args.frame_sampling != "lmms-eval" else ""
     subtitles = ", subtitles" if args.subtitles else ""
     title = f"Video QA: {args.benchmark} ({Path(model_path).name}, {args.frames} frames{sampling}{subtitles}, {metric})"
-    print_domain_table(title, results, time.time() - start)
+    print_domain_table(title, results, time.time() - start, run_options.header())
     errors = max((m.get("errors", 0) for m in results.values()), default=0)
     if errors:
         print(f"{errors} video(s) could not be read; their questions are left out (see predictions.jsonl)")

@@ -81,25 +81,31 @@ def bam(x: np.ndarray, p: dict[str, np.ndarray], valid: np.ndarray) -> np.ndarra
 
 
 def select(scores: np.ndarray, valid: np.ndarray, threshold: float = 0.0,
-           max_keep: int | None = None) -> np.ndarray:
-    """scores (b, h, n) -> kept indices (b, h, n_keep), the reference binary rule."""
+           max_keep: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """scores (b, h, n) -> (kept indices (b, h, n_keep), mask or None), the reference rule per sequence.
+
+    The reference ran at batch 1: each sequence keeps n - min over ITS heads of the negative count. A
+    batch holds the largest count; a sequence's surplus entries (its next-best tokens) are masked False.
+    """
     b, h, n = scores.shape
     s = np.where(valid, scores, -np.inf)
-    counts = []
+    per_seq = []
     for bi in range(b):
+        counts = []
         for hi in range(h):
             last = max(j for j in range(n) if valid[bi, hi, j]) if valid[bi, hi].any() else n - 1
             s[bi, hi, last] = np.inf
             counts.append(sum(1 for j in range(n) if s[bi, hi, j] < threshold))
-    n_keep = n - min(counts)
-    if max_keep is not None:
-        n_keep = min(n_keep, max_keep)
+        per_seq.append(n - min(counts) if max_keep is None else min(n, max_keep))
+    n_keep = max(per_seq)
     keep = np.zeros((b, h, n_keep), dtype=np.int64)
+    mask = np.zeros((b, h, n_keep), dtype=bool)
     for bi in range(b):
         for hi in range(h):
             ranked = sorted(range(n), key=lambda j: (-s[bi, hi, j], j))
             keep[bi, hi] = sorted(ranked[:n_keep])
-    return keep
+            mask[bi, hi] = [j in ranked[: per_seq[bi]] for j in keep[bi, hi]]
+    return keep, (None if mask.all() else mask)
 
 
 def update(attn: np.ndarray, state: RefState | None, positions: np.ndarray, theta: np.ndarray,
@@ -137,9 +143,10 @@ def update(attn: np.ndarray, state: RefState | None, positions: np.ndarray, thet
             feats[bi, hi] = np.concatenate([recency(pos, newest), spec], axis=1)
             scores[bi, hi] = bam(feats[bi, hi], p, valid[bi, hi])
     scores = np.where(valid, scores, -np.inf)
-    keep = select(scores, valid, 0.0, max_keep)
+    keep, keep_valid = select(scores, valid, 0.0, max_keep)
     new_state = RefState(
         context=np.take_along_axis(tails, keep[..., None], axis=2),
         ema=np.take_along_axis(ema, keep[..., None], axis=2),
     )
-    return {"features": feats, "ema": ema, "scores": scores, "keep": keep, "state": new_state}
+    return {"features": feats, "ema": ema, "scores": scores, "keep": keep, "keep_valid": keep_valid,
+            "state": new_state}

@@ -51,7 +51,8 @@ def test_uniform_eviction_equals_hf_masked_attention():
     logits = adapter.prefill(memory, ids, chunk_size=32)
     n = ids.shape[1]
     allowed = torch.tril(torch.ones(n, n, dtype=torch.bool))
-    for boundary in range(32, n, 32):  # after each update only the newest 40 tokens remain
+    pad = (-n) % 32  # a prompt is left-padded to whole intervals: updates fall 32k tokens before its end
+    for boundary in range(32 - pad, n, 32):  # after each update only the newest 40 tokens remain
         allowed[boundary:, : max(boundary - 40, 0)] = False
     mask = torch.zeros(1, 1, n, n).masked_fill(~allowed, float("-inf")).expand(2, 1, n, n)
     ref_model = copy.deepcopy(model)
@@ -80,10 +81,16 @@ def test_eviction_equals_masking(name):
     logits_masked = adapter.prefill(masked, out_masked[:, -1:])
     assert torch.equal(out_gather, out_masked)
     assert torch.allclose(logits_gather, logits_masked, atol=1e-5)
-    # the kept fraction reported equals what is physically in the cache after the last update
-    last = {layer: slots for layer, slots in gather.history}
-    for layer, slots in last.items():
-        assert slots.shape[-1] <= gather.cache_tokens()[layer]
+    # What the memory reports equals what the cache holds: after each layer's last update the cache holds
+    # exactly the recorded slots plus the tokens fed since, and the reported kept fraction counts the
+    # valid ones over the tokens seen at that update (the prompt's left padding is not seen).
+    n_layers = len(gather.cache_tokens())
+    fed_since = gather.n_fed % 32
+    last = dict(gather.history[-n_layers:])
+    for i, (layer, slots) in enumerate(sorted(last.items())):
+        assert gather.cache_tokens()[layer] == slots.shape[-1] + fed_since
+        expected = (slots >= 0).sum(-1).double().mean(1) / (gather.n_seen - fed_since).double()
+        torch.testing.assert_close(gather.kept_log[-n_layers + i], expected)
 
 
 def test_left_padding_rows_equal_unpadded_runs(llama):
@@ -105,7 +112,8 @@ def test_kept_fraction_matches_cache_and_cache_shrinks(llama):
     adapter.prefill(memory, _ids(1, 256), chunk_size=64)
     assert memory.cache_tokens() == [48, 48]
     assert memory.cache.layers[0].keys.shape[2] == 48
-    assert memory.kept_fraction().item() == pytest.approx((48 / 64 + 48 / 128 + 48 / 192 + 48 / 256) / 4)
+    # time-averaged cache over time-averaged full cache: sum of kept over sum of seen across updates
+    assert memory.kept_fraction().item() == pytest.approx((48 + 48 + 48 + 48) / (64 + 128 + 192 + 256))
     memory = adapter.new_memory(make_policy("recency", budget=0.25), update_interval=64)
     adapter.prefill(memory, _ids(1, 256), chunk_size=64)
     assert memory.cache_tokens() == [64, 64]  # ceil(0.25 * 256) at the last update

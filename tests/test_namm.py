@@ -149,6 +149,7 @@ def _two_updates(dtype: torch.dtype, atol: float, valid_first: torch.Tensor | No
         np.testing.assert_allclose(as_np(got)[fin], r1[key][fin], atol=atol, rtol=RTOL[atol], err_msg=key)
         assert np.array_equal(np.isfinite(as_np(got)), fin)
     np.testing.assert_array_equal(u1.keep.numpy(), r1["keep"])
+    _assert_same_mask(u1.keep_valid, r1["keep_valid"])
     assert 0 < u1.keep.shape[-1] < N_NEW  # the case evicts something and keeps something
     np.testing.assert_allclose(as_np(u1.buffers.ema), r1["state"].ema, atol=atol, rtol=RTOL[atol])
     np.testing.assert_allclose(as_np(u1.buffers.context), r1["state"].context, atol=1e-6, rtol=0)
@@ -159,8 +160,12 @@ def _two_updates(dtype: torch.dtype, atol: float, valid_first: torch.Tensor | No
     new_pos = (pos1.amax(-1, keepdim=True)[:, :1] + steps.cumsum(-1)).expand(B, H, N_NEW)
     pos2 = torch.cat([old_pos, new_pos], -1)
     valid2 = None
-    if valid_first is not None:
-        valid2 = torch.cat([valid_first.gather(-1, u1.keep), torch.ones(B, H, N_NEW, dtype=torch.bool)], -1)
+    if valid_first is not None or u1.keep_valid is not None:
+        old_valid = torch.ones(B, H, N_NEW, dtype=torch.bool) if valid_first is None else valid_first
+        old_valid = old_valid.gather(-1, u1.keep)
+        if u1.keep_valid is not None:  # a sequence's surplus entries are evicted by masking
+            old_valid = old_valid & u1.keep_valid
+        valid2 = torch.cat([old_valid, torch.ones(B, H, N_NEW, dtype=torch.bool)], -1)
     attn2 = causal_attn(gen, new_pos, pos2, valid2)
     r2 = ref.update(as_np(attn2), r1["state"], pos2.numpy(), theta.numpy(), nm, nv,
                     valid=None if valid2 is None else valid2.numpy())
@@ -169,10 +174,17 @@ def _two_updates(dtype: torch.dtype, atol: float, valid_first: torch.Tensor | No
     np.testing.assert_allclose(as_np(u2.ema), r2["ema"], atol=atol, rtol=RTOL[atol])
     np.testing.assert_allclose(as_np(u2.scores)[fin], r2["scores"][fin], atol=atol, rtol=RTOL[atol])
     np.testing.assert_array_equal(u2.keep.numpy(), r2["keep"])
+    _assert_same_mask(u2.keep_valid, r2["keep_valid"])
     assert u2.keep.shape[-1] < pos2.shape[-1]
     np.testing.assert_allclose(as_np(u2.buffers.ema), r2["state"].ema, atol=atol, rtol=RTOL[atol])
     np.testing.assert_allclose(as_np(u2.buffers.context), r2["state"].context, atol=1e-6, rtol=0)
     return u1, r1
+
+
+def _assert_same_mask(ours: torch.Tensor | None, reference: np.ndarray | None) -> None:
+    assert (ours is None) == (reference is None)
+    if ours is not None:
+        np.testing.assert_array_equal(ours.numpy(), reference)
 
 
 def test_update_matches_reference_fp32():
@@ -249,32 +261,44 @@ def test_newest_always_kept():
 def test_keep_count_rule_hand_made():
     scores = torch.tensor([[[1.0, -1.0, 2.0, -3.0, 0.5],       # 2 negative
                             [-1.0, -2.0, -3.0, 4.0, -5.0]]])   # 3 negative + forced newest
-    keep = select_keep(scores, None, 0.0)
+    keep, mask = select_keep(scores, None, 0.0)
     # d = min(2, 3) = 2 -> both heads keep 3 = max non-negative count
-    assert keep.tolist() == [[[0, 2, 4], [0, 3, 4]]]
-    assert select_keep(scores, None, 1.5).tolist() == [[[2, 4], [3, 4]]]  # threshold shifts the count
-    # d is the minimum over the whole batch: a row with no negatives keeps everything everywhere
-    both = torch.cat([scores, torch.ones(1, 2, 5)], 0)
-    assert select_keep(both, None, 0.0).shape == (2, 2, 5)
+    assert keep.tolist() == [[[0, 2, 4], [0, 3, 4]]] and mask is None
+    assert select_keep(scores, None, 1.5)[0].tolist() == [[[2, 4], [3, 4]]]  # threshold shifts the count
     valid = torch.tensor([[[False, True, True, True, True], [True, True, True, True, True]]])
     # padding turns head 0 index 0 (score 1) into -inf, counted as negative: d = 3
-    assert select_keep(scores, valid, 0.0).tolist() == [[[2, 4], [3, 4]]]
+    assert select_keep(scores, valid, 0.0)[0].tolist() == [[[2, 4], [3, 4]]]
+
+
+def test_keep_count_is_per_sequence():
+    """d is the minimum over the heads of ONE sequence: a batch-mate that keeps everything changes nothing."""
+    scores = torch.tensor([[[1.0, -1.0, 2.0, -3.0, 0.5],
+                            [-1.0, -2.0, -3.0, 4.0, -5.0]]])
+    alone, _ = select_keep(scores, None, 0.0)
+    keep, mask = select_keep(torch.cat([scores, torch.ones(1, 2, 5)], 0), None, 0.0)
+    assert keep.shape == (2, 2, 5)  # the batch holds the larger count ...
+    assert mask[1].all()  # ... the all-positive sequence keeps everything ...
+    assert torch.equal(keep[0][mask[0]].view(2, -1), alone[0])  # ... and the first keeps exactly its own 3
+    assert mask[0].sum(-1).tolist() == [3, 3]
 
 
 def test_budget_cap():
     gen = torch.Generator().manual_seed(8)
     scores = torch.randn(B, H, 40, generator=gen)
-    full = select_keep(scores, None)
-    np.testing.assert_array_equal(full.numpy(), ref.select(scores.double().numpy(), np.ones((B, H, 40), bool)))
+    full, mask = select_keep(scores, None)
+    ref_keep, ref_mask = ref.select(scores.double().numpy(), np.ones((B, H, 40), bool))
+    np.testing.assert_array_equal(full.numpy(), ref_keep)
+    _assert_same_mask(mask, ref_mask)
     for cap in (1, 5, 17, 40, 100):
-        keep = select_keep(scores, None, max_keep=cap)
+        keep, mask = select_keep(scores, None, max_keep=cap)
+        assert mask is None
         assert keep.shape[-1] == min(cap, 40)  # exactly the budget: the threshold moves up or down
         assert (keep[..., -1] == 39).all()  # newest survives any budget
         forced = scores.clone()
         forced[..., -1] = math.inf
         top = forced.topk(keep.shape[-1], dim=-1).indices.sort(-1).values
         assert torch.equal(keep, top)
-    assert select_keep(scores, None, max_keep=10**6).shape[-1] == 40
+    assert select_keep(scores, None, max_keep=10**6)[0].shape[-1] == 40
     with pytest.raises(ValueError, match="max_keep"):
         select_keep(scores, None, max_keep=0)
 

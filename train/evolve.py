@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eval.lm import DEFAULT_LM, answer_batch, load_lm, make_examples
+from tasks.language import DEFAULT_LM, answer_batch, load_lm, make_examples
 from transfer.atomic import write_atomic, write_json_atomic
 from transfer.checkpoint import save_namm
 from transfer.namm import NAMMConfig, NormStats, param_size

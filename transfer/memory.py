@@ -32,38 +32,19 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from transfer.namm import NAMMConfig
+from transfer.policies.base import Keep, LayerView, MemoryPolicy, Selection
+
 ATTN_IMPLEMENTATION = "namm_transfer"
 # Not cuDNN: it builds a plan per sequence length, and a cache's length changes at every chunk and update.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _ACTIVE: contextvars.ContextVar[KVMemory | None] = contextvars.ContextVar("namm_memory", default=None)
 
 
-def check_update_interval(update_interval: int) -> None:
-    """Evaluators call this before writing anything: the NAMM's STFT needs whole hops of 16 queries."""
-    if update_interval <= 0 or update_interval % 16:
-        raise ValueError(f"update_interval must be a positive multiple of 16 (the STFT hop), got {update_interval}")
-
-
-@dataclass
-class LayerView:
-    """What a policy sees of one layer at one update."""
-
-    layer: int
-    keys: torch.Tensor  # (batch, kv_heads, n_keys, head_dim), post-positional
-    slots: torch.Tensor  # (batch, kv_heads, n_keys) absolute token index of each cached key
-    valid: torch.Tensor  # (batch, kv_heads, n_keys) False for padding (and masked-out tokens)
-    n_new: int  # keys added since the last update (the last n_new of the cache)
-    n_seen: torch.Tensor  # (batch,) valid tokens fed so far
-    attn: torch.Tensor | None = None  # (batch, kv_heads, n_new, n_keys), only if policy.needs_attention
-    all_valid: bool = False  # every key valid: policies may pass valid=None and skip masking
-    max_seen: int | None = None  # n_seen.max() known on the host, so budgets need no device sync
-
-    def budget_tokens(self, budget: float | int) -> int:
-        """A budget in tokens (int >= 1) or as a fraction of the tokens seen (0 < float <= 1)."""
-        if isinstance(budget, float) and budget <= 1.0:
-            seen = int(self.n_seen.max()) if self.max_seen is None else self.max_seen
-            return max(1, math.ceil(budget * seen))
-        return int(budget)
+def check_update_interval(update_interval: int, hop: int = NAMMConfig().hop) -> None:
+    """Evaluators call this before writing anything: the NAMM's STFT needs whole hops of queries."""
+    if update_interval <= 0 or update_interval % hop:
+        raise ValueError(f"update_interval must be a positive multiple of {hop} (the STFT hop), got {update_interval}")
 
 
 @dataclass
@@ -92,7 +73,7 @@ class KVMemory:
 
     def __init__(
         self,
-        policy: Any,
+        policy: MemoryPolicy,
         cache: Any,
         update_interval: int = 512,
         evict: str = "gather",
@@ -106,15 +87,19 @@ class KVMemory:
         self.update_interval = update_interval
         self.evict = evict
         self.layers: dict[int, _LayerState] = {}
+        layers = getattr(cache, "layers", None)
+        self.n_layers = len(layers) if layers else None  # for policies that spread a budget over layers
         self.n_fed = 0  # slots fed per row, padding included
         self.n_seen: torch.Tensor | None = None  # (batch,) valid tokens fed
-        self.kept_log: list[torch.Tensor] = []  # (batch,) kept/seen after each layer update
+        self.kept_log: list[torch.Tensor] = []  # (batch,) kept/seen after each layer update (NaN: none seen)
+        self.seen_log: list[torch.Tensor] = []  # (batch,) tokens seen at each layer update
         self.record = record
         self.history: list[tuple[int, torch.Tensor]] = []  # (layer, kept slots (batch, kv_heads, n_keep))
         self._chunk_slots: torch.Tensor | None = None
         self._chunk_valid: torch.Tensor | None = None
         self._chunk_all_valid = True
         self._max_seen = 0  # host copy of n_seen.max()
+        self._padded = False  # some row was fed padding: rows may have seen different token counts
         self._update_due = False
 
     # ---------------------------------------------------------------- feeding
@@ -141,6 +126,7 @@ class KVMemory:
             valid = torch.ones(batch, n_new, dtype=torch.bool, device=device)
         valid = valid.bool()
         self._chunk_all_valid = bool(valid.all())  # one host sync per chunk, none per layer
+        self._padded = self._padded or not self._chunk_all_valid
         self._chunk_slots = (self.n_fed + torch.arange(n_new, device=valid.device)).expand(valid.shape[0], -1)
         self._chunk_valid = valid
         self.n_seen = valid.sum(1) if self.n_seen is None else self.n_seen + valid.sum(1)
@@ -247,33 +233,51 @@ class KVMemory:
             attn = self._policy_attention(st, key, scaling, sliding_window)
         view = LayerView(
             layer=layer, keys=key, slots=st.slots, valid=st.valid, n_new=st.n_new, n_seen=self.n_seen, attn=attn,
-            all_valid=st.all_valid, max_seen=self._max_seen,
+            all_valid=st.all_valid, max_seen=self._max_seen, n_layers=self.n_layers, equal_seen=not self._padded,
         )
         keep, st.policy_state = self.policy.update(view, st.policy_state)
         st.queries, st.query_slots, st.query_valid, st.n_new = [], [], [], 0
-        if keep is not None and keep.shape[-1] < key.shape[2]:
-            if self.evict == "gather":
-                cache_layer = self.cache.layers[layer]
-                idx = keep[..., None].expand(-1, -1, -1, key.shape[-1])
-                cache_layer.keys = key.gather(2, idx)
-                cache_layer.values = value.gather(2, idx)
-                st.slots = st.slots.gather(2, keep)
-                st.valid = st.valid.gather(2, keep)
-            else:
-                st.valid = st.valid & torch.zeros_like(st.valid).scatter_(2, keep, True)
-                st.all_valid = False
-        if self.record:
-            kept = st.slots.masked_fill(~st.valid, -1) if self.evict == "mask" else st.slots
-            self.history.append((layer, kept))
-        n_valid = st.valid.sum(-1).float().mean(1)  # (batch,) mean over heads
-        self.kept_log.append(n_valid / self.n_seen.float())
+        self._evict(layer, st, keep, key, value)
+        if self.record:  # kept slots per update, -1 where a slot is not (or no longer) valid
+            self.history.append((layer, st.slots.masked_fill(~st.valid, -1)))
+        n_valid = st.valid.sum(-1).double().mean(1)  # (batch,) mean over heads; float64 so that a row's
+        self.kept_log.append(n_valid / self.n_seen.double())  # figure does not depend on the batch's width
+        self.seen_log.append(self.n_seen.double())
+
+    def _evict(self, layer: int, st: _LayerState, keep: Keep, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Apply a policy's decision: gather (or, in mask mode, mask) the kept entries of one layer.
+
+        A `Selection` keeps its index like a tensor and marks the entries a sequence evicts as padding,
+        so sequences of one batch can keep different counts.
+        """
+        index, kept_valid = (keep.index, keep.valid) if isinstance(keep, Selection) else (keep, None)
+        if index is None or (kept_valid is None and index.shape[-1] >= key.shape[2]):
+            return
+        if self.evict == "gather":
+            cache_layer = self.cache.layers[layer]
+            idx = index[..., None].expand(-1, -1, -1, key.shape[-1])
+            cache_layer.keys = key.gather(2, idx)
+            cache_layer.values = value.gather(2, idx)
+            st.slots = st.slots.gather(2, index)
+            st.valid = st.valid.gather(2, index)
+            if kept_valid is not None:
+                st.valid = st.valid & kept_valid
+        else:
+            kept = torch.zeros_like(st.valid).scatter_(2, index, True if kept_valid is None else kept_valid)
+            st.valid = st.valid & kept
+        st.all_valid = st.all_valid and self.evict == "gather" and kept_valid is None
 
     # ---------------------------------------------------------------- bookkeeping
     def kept_fraction(self) -> torch.Tensor:
-        """(batch,) mean over all layer updates of kept/seen valid tokens (1.0 where no update ran)."""
+        """(batch,) kept/seen valid tokens over all layer updates, weighted by the tokens seen at each:
+        the time-averaged cache over the time-averaged full cache. A short early update (a prompt's first
+        partial interval) weighs as little as the memory it holds; 1.0 where no update ran."""
         if not self.kept_log:
-            return torch.ones(1 if self.n_seen is None else self.n_seen.shape[0])
-        return torch.stack(self.kept_log).mean(0).cpu()
+            return torch.ones(1 if self.n_seen is None else self.n_seen.shape[0], dtype=torch.float64)
+        ratio, seen = torch.stack(self.kept_log), torch.stack(self.seen_log)  # (updates, batch)
+        total = seen.sum(0)
+        kept = (ratio.nan_to_num(0.0) * seen).sum(0) / total.clamp(min=1)
+        return torch.where(total > 0, kept, 1.0).cpu()
 
     def cache_tokens(self) -> list[int]:
         """Physical cache length per layer."""
@@ -287,7 +291,9 @@ class KVMemory:
             "n_fed": self.n_fed,
             "n_seen": self.n_seen,
             "max_seen": self._max_seen,
+            "padded": self._padded,
             "kept_log": list(self.kept_log),
+            "seen_log": list(self.seen_log),
         }
 
     def restore(self, snap: dict) -> None:
@@ -296,7 +302,8 @@ class KVMemory:
             layer.keys, layer.values = k, v
         self.layers = {i: state.copy() for i, state in snap["layers"].items()}
         self.n_fed, self.n_seen, self.kept_log = snap["n_fed"], snap["n_seen"], list(snap["kept_log"])
-        self._max_seen = snap["max_seen"]
+        self.seen_log = list(snap["seen_log"])
+        self._max_seen, self._padded = snap["max_seen"], snap["padded"]
 
 
 def _allowed(

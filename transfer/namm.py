@@ -146,11 +146,18 @@ class NAMMBuffers:
     context: Tensor  # (batch, kv_heads, n_keys, n_fft - hop): last attention samples each key received
     ema: Tensor  # (batch, kv_heads, n_keys, n_bins): un-normalised EMA of |STFT|
 
+    def gather(self, keep: Tensor) -> NAMMBuffers:
+        """Rows of the kept tokens: keep (batch, kv_heads, n_keep) cache indices."""
+        idx = keep[..., None]
+        return NAMMBuffers(context=self.context.gather(-2, idx.expand(-1, -1, -1, self.context.shape[-1])),
+                           ema=self.ema.gather(-2, idx.expand(-1, -1, -1, self.ema.shape[-1])))
+
 
 @dataclass
 class NAMMUpdate:
     scores: Tensor  # (batch, kv_heads, n_keys) raw BAM scores, -inf at padding (newest not forced)
     keep: Tensor  # (batch, kv_heads, n_keep) long, ascending (positional order)
+    keep_valid: Tensor | None  # (batch, kv_heads, n_keep) False on a sequence's surplus entries; None: all kept
     buffers: NAMMBuffers  # new buffers for the kept tokens only (gathered with `keep`)
     ema: Tensor  # (batch, kv_heads, n_keys, 17) un-normalised EMA before eviction (for NormStats collection)
 
@@ -283,13 +290,17 @@ def newest_index(valid: Tensor | None, shape: torch.Size, device: torch.device) 
 
 
 def select_keep(scores: Tensor, valid: Tensor | None, threshold: float = 0.0,
-                max_keep: int | None = None) -> Tensor:
-    """Reference binary selection; returns kept indices (batch, heads, n_keep), ascending.
+                max_keep: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Reference binary selection per sequence: (kept indices (batch, heads, n_keep) ascending, row mask).
 
-    Padding -> -inf, newest token forced kept; d = min over all batch x heads of #(score < threshold);
-    every head keeps its top n_keys - d (so all heads keep the max non-negative count, topped up with
-    their best negative tokens). Budget mode: with `max_keep` every head keeps exactly its top
-    min(max_keep, n_keys) tokens by score, i.e. the threshold moves at each update (up or down) to the
+    Padding -> -inf, newest token forced kept; for each sequence b, d_b = min over its heads of
+    #(score < threshold) and every head of b keeps its top n_keys - d_b (so all heads of a sequence keep
+    its max non-negative count, topped up with their best negative tokens). This is the reference rule,
+    which ran at batch 1; taking the minimum per sequence (not over the batch) means a sequence's cache
+    never depends on its batch-mates. Sequences that keep fewer than the batch's largest count get a
+    mask (batch, heads, n_keep) that is False on their surplus entries (the memory marks those invalid);
+    the mask is None when every sequence keeps the same count. Budget mode: with `max_keep` every head
+    keeps exactly its top min(max_keep, n_keys) tokens, i.e. the threshold moves at each update to the
     budget-th score: the learned ranking decides which tokens, the budget how many, and it is never
     exceeded. Ties go to the older token (stable sort).
     """
@@ -300,12 +311,19 @@ def select_keep(scores: Tensor, valid: Tensor | None, threshold: float = 0.0,
         s = s.masked_fill(~valid.bool(), -math.inf)
     newest = newest_index(valid, s.shape, s.device)
     s.scatter_(-1, newest[..., None], math.inf)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices  # (batch, heads, n_keys)
     if max_keep is not None:
         n_keep = min(max_keep, s.shape[-1])
-    else:  # the count depends on the scores: one device sync
-        n_keep = s.shape[-1] - int((s < threshold).sum(-1).min())
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :n_keep]
-    return order.sort(dim=-1).values
+        return order[..., :n_keep].sort(dim=-1).values, None
+    per_seq = s.shape[-1] - (s < threshold).sum(-1).amin(-1)  # (batch,) kept count of each sequence
+    lo, hi = per_seq.aminmax()
+    lo, hi = (int(v) for v in torch.stack([lo, hi]).tolist())  # the count depends on the scores: one sync
+    index, perm = order[..., :hi].sort(dim=-1)
+    if lo == hi:
+        return index, None
+    rank = torch.arange(hi, device=s.device)  # position in score order
+    in_budget = (rank < per_seq[:, None, None]).expand_as(index)  # (batch, heads, hi), score order
+    return index, in_budget.gather(-1, perm)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -406,6 +424,45 @@ def _conv_spectral_ema(attn: Tensor, context: Tensor, n_old: int, cfg: NAMMConfi
     return mags.mul_(wm).sum(2).transpose(1, 2).reshape(b, h, kc, bins)
 
 
+def namm_score(
+    attn: Tensor,
+    buffers: NAMMBuffers | None,
+    positions: Tensor,
+    params: NAMMParams,
+    norm: NormStats | None,
+    cfg: NAMMConfig = NAMMConfig(),
+    valid: Tensor | None = None,
+    attention_dtype: torch.dtype | None = None,
+    check_finite: bool = True,
+) -> tuple[Tensor, NAMMBuffers]:
+    """The scoring half of one update: (BAM scores (batch, kv_heads, n_keys), buffers of EVERY cached key).
+
+    Arguments as `namm_update`. Padding scores -inf; the newest token is not forced here (selection
+    does that). The returned buffers are aligned with the current cache; gather them with the kept
+    indices (`NAMMBuffers.gather`).
+    """
+    _check_inputs(attn, buffers, positions, valid, cfg, check_finite)
+    b, h, n_new, n_keys = attn.shape
+    dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
+    attn = attn.to(dtype)  # row q, column k: attention that key k received from new query q
+    ctx_new = attn.new_zeros(b, h, n_new, cfg.context_len)
+    if buffers is None:
+        context, ema_prev = ctx_new, None
+    else:
+        context = torch.cat([buffers.context.to(attn.device, dtype), ctx_new], dim=-2)
+        ema_prev = buffers.ema.to(attn.device, dtype)
+    ema = spectral_ema(attn, context, ema_prev, cfg)  # (batch, heads, n_keys, bins)
+    rec = recency_features(positions.to(attn.device), cfg, valid, dtype)  # (batch, heads, n_keys, 8)
+    x = torch.cat([rec, normalise(ema, norm)], dim=-1)  # (batch, heads, n_keys, 25), recency first
+    scores = bam_scores(x, params, valid, attention_dtype)
+    if valid is not None:
+        scores = scores.masked_fill(~valid.bool(), -math.inf)
+    # last n_fft - hop samples each key received: (batch, heads, n_keys, n_fft - hop)
+    recent = attn[..., -cfg.context_len :, :].transpose(-1, -2)
+    tail = torch.cat([context, recent], dim=-1)[..., -cfg.context_len :]
+    return scores, NAMMBuffers(context=tail, ema=ema)
+
+
 def namm_update(
     attn: Tensor,
     buffers: NAMMBuffers | None,
@@ -428,29 +485,7 @@ def namm_update(
     (float64 if attn is float64) on attn's device; `attention_dtype`: see `bam_scores`. With valid=None,
     budget mode and check_finite=False an update never waits for the device (no host sync).
     """
-    _check_inputs(attn, buffers, positions, valid, cfg, check_finite)
-    b, h, n_new, n_keys = attn.shape
-    dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
-    attn = attn.to(dtype)  # row q, column k: attention that key k received from new query q
-    ctx_new = attn.new_zeros(b, h, n_new, cfg.context_len)
-    if buffers is None:
-        context, ema_prev = ctx_new, None
-    else:
-        context = torch.cat([buffers.context.to(attn.device, dtype), ctx_new], dim=-2)
-        ema_prev = buffers.ema.to(attn.device, dtype)
-    ema = spectral_ema(attn, context, ema_prev, cfg)  # (batch, heads, n_keys, bins)
-    rec = recency_features(positions.to(attn.device), cfg, valid, dtype)  # (batch, heads, n_keys, 8)
-    x = torch.cat([rec, normalise(ema, norm)], dim=-1)  # (batch, heads, n_keys, 25), recency first
-    scores = bam_scores(x, params, valid, attention_dtype)
-    if valid is not None:
-        scores = scores.masked_fill(~valid.bool(), -math.inf)
-    keep = select_keep(scores, valid, cfg.threshold, max_keep)
-    # last n_fft - hop samples each key received: (batch, heads, n_keys, n_fft - hop)
-    recent = attn[..., -cfg.context_len :, :].transpose(-1, -2)
-    tail = torch.cat([context, recent], dim=-1)[..., -cfg.context_len :]
-    new_buffers = NAMMBuffers(
-        context=tail.gather(-2, keep[..., None].expand(-1, -1, -1, cfg.context_len)),
-        ema=ema.gather(-2, keep[..., None].expand(-1, -1, -1, ema.shape[-1])),
-    )
-    return NAMMUpdate(scores=scores, keep=keep, buffers=new_buffers, ema=ema)
+    scores, every = namm_score(attn, buffers, positions, params, norm, cfg, valid, attention_dtype, check_finite)
+    keep, keep_valid = select_keep(scores, valid, cfg.threshold, max_keep)
+    return NAMMUpdate(scores=scores, keep=keep, keep_valid=keep_valid, buffers=every.gather(keep), ema=every.ema)
 

@@ -1,14 +1,22 @@
 """The loop every domain evaluation shares: policies x examples, resumable, with matched budgets.
 
-A domain evaluator (eval/lm.py, eval/rl.py, eval/video.py) supplies the examples and a function that
-evaluates one batch of them under one policy; this module builds the policies, runs the NAMM first
-when baselines are to be matched to its memory, skips finished work, shows progress and writes run
-directories (config, predictions.jsonl, metrics.json).
+A domain evaluator (eval/lm.py, eval/rl.py, eval/video.py) adds the shared options with
+`add_run_arguments`, supplies its examples and a function that evaluates one batch of them under one
+policy, and calls `evaluate_policies`. This module builds the policies (one protected set for all of
+them, random-NAMM controls, budgets matched to the NAMM's measured memory), runs the NAMM first when
+baselines are to be matched to it, skips finished work, shows progress, writes run directories
+(config, predictions.jsonl, metrics.json) and attaches paired bootstrap CIs (transfer/stats.py).
+
+Rows returned by `evaluate_batch` hold `id`, `score`, `kept_fraction`, and optionally `stratum` (a task
+or environment: units are resampled within it) and `unit` (the resampling unit when several rows share
+one input, e.g. the questions of one video).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,60 +24,166 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from transfer.policies import make_policy
-from transfer.rundir import RunDir, fingerprint, slug
+from transfer.policies import POLICIES, make_policy
+from transfer.rundir import RunDir, code_fingerprint, model_id, slug
+from transfer.stats import PairedBootstrap, units_of
+
+# One memory-update interval for every domain: the shipped NAMM was evolved, and its normalisation
+# statistics collected, with an update every 256 tokens (artifacts/namm/namm-shipped/PROVENANCE.md).
+# `reproduce --interval-sweep` shows what other intervals do in each domain.
+DEFAULT_UPDATE_INTERVAL = 256
+# One protected set for every policy of a table: the newest 32 tokens (the question or instruction of a
+# prompt, the current steps of an episode) and no sink tokens; both are printed in every table header.
+DEFAULT_PROTECT_RECENT = 32
+DEFAULT_PROTECT_SINK = 0
+DEFAULT_CONTROLS = 5  # random-parameter NAMMs (seeds 0..4) per `namm-random` in --policies
+REFERENCE = "full"
 
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """A policy name with its budget: tokens (int), a kept fraction (float), 'match' or None."""
+    """A policy name with its budget (tokens int, kept fraction float, 'match' or None) and control seed."""
 
     name: str
     budget: float | int | str | None = None
+    seed: int | None = None
 
     @property
     def label(self) -> str:
+        label = self.name if self.seed is None else f"{self.name}:s{self.seed}"
         if self.budget is None:
-            return self.name
-        return f"{self.name}@{self.budget}"
+            return label
+        budget = f"{self.budget}t" if isinstance(self.budget, int) else self.budget
+        return f"{label}@{budget}"
+
+    @property
+    def group(self) -> str:
+        """The label without the control seed: controls of one budget form one row of a table."""
+        return PolicySpec(self.name, self.budget).label
 
 
-def parse_policies(names: str, budgets: str | None = None) -> list[PolicySpec]:
-    """'full,h2o,l2,namm' x budgets '0.25,0.5' or 'match' -> specs (budgets apply to budgeted policies).
+def parse_budget(text: str) -> float | int | str:
+    """'match', a kept fraction in (0, 1], or a token count written '512t'; anything else is an error."""
+    text = text.strip()
+    if text == "match":
+        return text
+    if re.fullmatch(r"\d+t", text):
+        tokens = int(text[:-1])
+        if tokens < 1:
+            raise ValueError(f"budget {text!r}: a token budget must be at least 1t")
+        return tokens
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"budget {text!r}: use a kept fraction in (0, 1], a token count such as 512t, or 'match'")
+    return value
 
-    full and namm take no budget by default; `namm@0.5` style sets one explicitly (budget mode).
+
+def parse_policies(names: str, budgets: str | None = None, controls: int = DEFAULT_CONTROLS) -> list[PolicySpec]:
+    """'full,h2o,l2,namm,namm-random' x budgets '0.25,0.5' or 'match' -> specs.
+
+    Budgeted policies get every budget; full and namm none (`namm@0.5` sets one: budget mode);
+    `namm-random` becomes `controls` seeds. The NAMM without budget runs first so that 'match' can
+    read its kept fractions.
     """
-    from transfer.policies import BUDGETED, POLICIES
-
-    budget_list: list[Any] = [_parse_budget(b) for b in (budgets or "match").split(",")]
+    if controls < 1:
+        raise ValueError(f"--controls must be at least 1, got {controls}")
+    budget_list = [parse_budget(b) for b in (budgets or "match").split(",")]
     specs = []
     for item in names.split(","):
         name, _, explicit = item.strip().partition("@")
         if name not in POLICIES:
             raise ValueError(f"unknown policy {name!r}; choose from: {', '.join(POLICIES)}")
-        if explicit:
-            specs.append(PolicySpec(name, _parse_budget(explicit)))
-        elif name in BUDGETED:
-            specs.extend(PolicySpec(name, b) for b in budget_list)
-        else:
-            specs.append(PolicySpec(name))
-    # The NAMM runs first so that 'match' budgets can read its kept fractions.
-    return sorted(specs, key=lambda s: (s.name != "namm" or s.budget is not None, s.name != "full"))
+        rule = POLICIES[name].budget_rule
+        if explicit and rule == "none":
+            raise ValueError(f"policy {name!r} takes no budget")
+        own = [parse_budget(explicit)] if explicit else (budget_list if rule == "required" else [None])
+        seeds = range(controls) if name == "namm-random" else [None]
+        specs.extend(PolicySpec(name, b, s) for b in own for s in seeds)
+    if len({s.label for s in specs}) != len(specs):
+        raise ValueError(f"--policies {names!r} names a policy twice")
+    return sorted(specs, key=lambda s: (s.name != "namm" or s.budget is not None, s.name != REFERENCE))
 
 
-def _parse_budget(text: str) -> float | int | str:
-    text = text.strip()
-    if text == "match":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"budget must be a token count, a fraction in (0, 1] or 'match', got {text!r}") from None
-    if value <= 0:
-        raise ValueError(f"budget must be positive, got {text!r}")
-    return value if value <= 1 else int(value)
+# ------------------------------------------------------------------------------------------ options
+def add_run_arguments(p: argparse.ArgumentParser, batch_size: int = 8, out: str = "runs") -> None:
+    """The policy and run options every domain shares (one vocabulary across `eval lm|rl|video`)."""
+    p.add_argument("--policies", "--policy", default="full,h2o,l2,namm,namm-random",
+                   help=f"comma-separated policies ({', '.join(POLICIES)}); name@budget sets one budget")
+    p.add_argument("--budget", default="match",
+                   help="budgets of budgeted policies: 'match' (the NAMM's measured kept fraction, per batch), "
+                        "kept fractions in (0, 1] and token counts like 512t, e.g. match,0.25,0.5")
+    p.add_argument("--controls", type=int, default=DEFAULT_CONTROLS,
+                   help="random-parameter NAMMs (seeds 0..N-1) that `namm-random` expands to")
+    p.add_argument("--protect-recent", type=int, default=DEFAULT_PROTECT_RECENT,
+                   help="newest tokens no policy may evict (the question/instruction region)")
+    p.add_argument("--protect-sink", type=int, default=DEFAULT_PROTECT_SINK,
+                   help="first tokens no policy may evict (attention sinks)")
+    p.add_argument("--namm", default=None, help="NAMM checkpoint (our dir or reference .pt; default: shipped)")
+    p.add_argument("--namm-precision", choices=["fp32", "fast"], default="fp32",
+                   help="fp32: the reference's precision; fast: the NAMM's BAM attention in fp16 on CUDA")
+    p.add_argument("--update-interval", type=int, default=DEFAULT_UPDATE_INTERVAL,
+                   help="tokens between memory updates (multiple of 16; the shipped NAMM's)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="examples per forward")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--out", default=out, help="run directory root (finished runs are reused)")
+    p.add_argument("--overwrite", action="store_true", help="redo runs that exist instead of reusing them")
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """The shared options as one object: what `evaluate_policies` needs besides the domain's callbacks."""
+
+    policies: str = "full,h2o,l2,namm,namm-random"
+    budget: str = "match"
+    controls: int = DEFAULT_CONTROLS
+    protect_recent: int = DEFAULT_PROTECT_RECENT
+    protect_sink: int = DEFAULT_PROTECT_SINK
+    namm: str | None = None
+    namm_precision: str = "fp32"
+    update_interval: int = DEFAULT_UPDATE_INTERVAL
+    batch_size: int = 8
+    device: str | None = None
+    overwrite: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunOptions:
+        options = cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
+        options.check()
+        return options
+
+    def check(self) -> None:
+        """Every option checked before any run directory is written (one-line errors)."""
+        from transfer.memory import check_update_interval
+
+        check_update_interval(self.update_interval)
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.protect_recent < 0 or self.protect_sink < 0:
+            raise ValueError("--protect-recent and --protect-sink must be >= 0")
+        self.specs()
+
+    def specs(self) -> list[PolicySpec]:
+        return parse_policies(self.policies, self.budget, self.controls)
+
+    def resolved_device(self) -> str:
+        import torch
+
+        return process_device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def protection(self) -> dict[str, int]:
+        return {"protect_recent": self.protect_recent, "protect_sink": self.protect_sink}
+
+    def header(self) -> str:
+        """What every table built from these options states in its header."""
+        return (f"protected: newest {self.protect_recent} and first {self.protect_sink} tokens for every policy; "
+                f"update every {self.update_interval} tokens")
+
+
+# ------------------------------------------------------------------------------------------ running
 def run_examples(
     run: RunDir,
     examples: Sequence[Any],
@@ -84,7 +198,7 @@ def run_examples(
     and only the main process writes.
     """
     state = process_state()
-    done = {row["id"]: row for row in run.predictions()}
+    done = {row["id"]: row for row in run.completed()}
     todo = [ex for ex in examples if ex.id not in done]
     if state.num_processes > 1:
         from accelerate.utils import gather_object
@@ -125,44 +239,60 @@ def process_device(requested: str) -> str:
     return requested
 
 
-def build_policy(spec: PolicySpec, namm: str | None, matched: float | None, namm_precision: str = "fp32") -> Any:
+def build_policy(spec: PolicySpec, options: RunOptions, matched: float | None) -> Any:
     """The policy object for one batch; `matched` is the NAMM's kept fraction on that batch."""
     budget = spec.budget
     if budget == "match":
         if matched is None:
             raise ValueError(f"{spec.label}: no NAMM run to match; include 'namm' in the policies")
         budget = float(min(max(matched, 1e-3), 1.0))
-    kwargs = {"precision": namm_precision} if spec.name == "namm" else {}
-    return make_policy(spec.name, budget=budget, namm=namm, **kwargs)
+    kwargs: dict[str, Any] = dict(options.protection)
+    if spec.name.startswith("namm"):
+        kwargs["precision"] = options.namm_precision
+    if spec.seed is not None:
+        kwargs["seed"] = spec.seed
+    return make_policy(spec.name, budget=budget, namm=options.namm, **kwargs)
+
+
+def run_key(config: dict[str, Any], options: RunOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run key, info): the key holds every option that changes results (the code as a fingerprint of its
+    sources, the model and NAMM by content so a copied runs/ folder still matches, the protection, the
+    update interval, the batch size); paths go into `info`, beside the key, never into it."""
+    from transfer.checkpoint import resolve_namm
+
+    namm_path = resolve_namm(options.namm)
+    info = {"model_path": str(config.get("model")), "namm_path": str(namm_path)}
+    key = {**config, "model": model_id(config.get("model")), "namm": model_id(namm_path), "code": code_fingerprint(),
+           "update_interval": options.update_interval, "batch_size": options.batch_size, **options.protection}
+    if options.namm_precision != "fp32":
+        key["namm_precision"] = options.namm_precision
+    return key, info
 
 
 def evaluate_policies(
-    specs: Sequence[PolicySpec],
     examples: Sequence[Any],
-    evaluate_batch: Callable[[Any, list[Any]], list[dict[str, Any]]],
+    evaluate_batch: Callable[[Callable[[], Any], list[Any]], list[dict[str, Any]]],
     summarize: Callable[[list[dict[str, Any]]], dict[str, Any]],
     out_dir: str | Path,
     config: dict[str, Any],
-    namm: str | None = None,
-    batch_size: int = 1,
-    namm_precision: str = "fp32",
+    options: RunOptions,
+    units: Callable[[list[dict[str, Any]]], list[tuple[str, str, str, float]]] = units_of,
 ) -> dict[str, dict[str, Any]]:
     """Run every policy over the examples; returns {policy label: metrics} and writes run dirs.
 
     evaluate_batch(policy_factory, batch) gets a zero-argument factory so each sequence/episode gets
-    a fresh policy; rows must hold `id` and `kept_fraction`.
+    a fresh policy. Metrics hold the domain's summary plus `score`, `n` (units) and the paired
+    bootstrap CI (`ci`, and `delta`/`delta_ci` against the full cache) over the same units for all
+    policies, and `units` for tables that pool several runs (e.g. environments). `units(rows)` turns a
+    run's rows into bootstrap units (default: one per row, `stratum`/`unit` fields if present).
     """
-    from transfer.policies.namm import DEFAULT_NAMM
-
     results: dict[str, dict[str, Any]] = {}
+    all_rows: dict[str, list[dict[str, Any]]] = {}
     namm_kept: dict[str, float] = {}
-    # Weights fingerprints: a retrained model or NAMM is a different run, never a finished one.
-    config = {**config, "model_sha": fingerprint(config.get("model")), "namm": namm,
-              "namm_sha": fingerprint(namm or DEFAULT_NAMM)}
-    if namm_precision != "fp32":  # recorded only when set, so runs made before the option stay reusable
-        config["namm_precision"] = namm_precision
-    for spec in specs:
-        run = RunDir(Path(out_dir) / slug(spec.label), {**config, "policy": asdict(spec)})
+    config, info = run_key(config, options)
+    for spec in options.specs():
+        run = RunDir(Path(out_dir) / slug(spec.label), {**config, "policy": asdict(spec)},
+                     overwrite=options.overwrite, writer=_is_main(), info=info)
         if run.finished():
             metrics, rows = run.metrics(), run.predictions()
         else:
@@ -172,20 +302,67 @@ def evaluate_policies(
                 values = [kept[ex.id] for ex in batch if ex.id in kept and math.isfinite(kept[ex.id])]
                 if spec.budget == "match" and values:  # failed examples (NaN) have no fraction to match
                     matched = sum(values) / len(values)
-                rows = evaluate_batch(lambda: build_policy(spec, namm, matched, namm_precision), batch)
+                rows = evaluate_batch(lambda: build_policy(spec, options, matched), batch)
                 for row in rows:
                     row["policy"] = spec.label
                 return rows
 
             label = f"{config.get('domain', '')} {spec.label}"
-            rows = run_examples(run, examples, batch_fn, batch_size, description=label)
-            metrics = {**summarize(rows), "policy": spec.label, "n_examples": len(rows)}
-            if _is_main():
-                run.write_metrics(metrics)
+            with run:
+                rows = run_examples(run, examples, batch_fn, options.batch_size, description=label)
+                metrics = {**summarize(rows), "policy": spec.label, "n_examples": len(rows)}
+                run.finish(metrics)
         results[spec.label] = metrics
+        all_rows[spec.label] = rows
         if spec.name == "namm" and spec.budget is None:
             namm_kept = {row["id"]: row["kept_fraction"] for row in rows}
+    return attach_stats(results, {label: units(rows) for label, rows in all_rows.items()})
+
+
+def pool_controls(results: dict[str, dict[str, Any]], units: dict[str, list]) -> None:
+    """Add one row per control group (e.g. `namm-random@match`): per-row mean over the seeds, seed scores."""
+    groups: dict[str, list[str]] = {}
+    for label in results:
+        if ":s" in label:
+            name, _, rest = label.partition(":s")
+            groups.setdefault(name + ("@" + rest.partition("@")[2] if "@" in rest else ""), []).append(label)
+    for group, labels in groups.items():
+        rows: dict[tuple, list[float]] = {}
+        for label in labels:
+            for stratum, unit, row_id, value in units[label]:
+                rows.setdefault((stratum, unit, row_id), []).append(value)
+        units[group] = [(*key, sum(v) / len(v)) for key, v in rows.items() if len(v) == len(labels)]
+        kept = [results[label].get("kept_fraction") for label in labels]
+        results[group] = {
+            "policy": group, "seeds": len(labels), "seed_scores": [results[label]["score"] for label in labels],
+            "kept_fraction": sum(kept) / len(kept) if None not in kept else None,
+        }
+
+
+def attach_stats(results: dict[str, dict[str, Any]], units: dict[str, list]) -> dict[str, dict[str, Any]]:
+    """Pool the controls, then give every label its score, n, 95 % CI and paired difference to full."""
+    units = dict(units)
+    pool_controls(results, units)
+    usable = {label: u for label, u in units.items() if u}
+    if not usable:
+        return results
+    table = PairedBootstrap(usable)
+    for label in usable:
+        m = results[label]
+        m.update(score=table.score(label), ci=table.ci(label), n=table.n_units, n_rows=table.n_rows,
+                 units=[list(u) for u in units[label]])
+        if REFERENCE in usable:
+            delta, lo, hi = table.diff(label, REFERENCE)
+            m.update(delta=delta, delta_ci=(lo, hi))
     return results
+
+
+def add_reference_row(results: dict[str, dict[str, Any]], label: str, metrics: dict[str, Any],
+                      rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Put a row evaluated outside the policy loop (e.g. a no-cache baseline) first and redo the paired stats."""
+    units = {lab: [tuple(u) for u in m["units"]] for lab, m in results.items() if m.get("units")}
+    units[label] = units_of(rows)
+    return attach_stats({label: metrics, **results}, units)
 
 
 def _is_main() -> bool:

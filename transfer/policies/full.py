@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from transfer.memory import LayerView
+from transfer.policies.base import LayerView
 
 
 @dataclass
 class FullCache:
-    name: str = "full"
-    needs_attention: bool = False
+    name: ClassVar[str] = "full"
+    description: ClassVar[str] = "keep every token (uncompressed reference)"
+    budget_rule: ClassVar[str] = "none"
+    needs_attention: ClassVar[bool] = False
 
     def update(self, view: LayerView, state: Any) -> tuple[None, None]:
         return None, None

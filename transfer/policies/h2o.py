@@ -7,29 +7,26 @@ since it entered the cache; half of the budget (``recent_ratio``) is reserved fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from transfer.memory import LayerView
-from transfer.policies.base import gather_state, keep_top
+from transfer.policies.base import LayerView, ScoredPolicy, protected_mask
 
 
 @dataclass
-class H2O:
-    budget: float | int = 0.5
+class H2O(ScoredPolicy):
+    name: ClassVar[str] = "h2o"
+    description: ClassVar[str] = "H2O: heavy hitters by accumulated attention + a recent window (half the budget)"
+    needs_attention: ClassVar[bool] = True
     recent_ratio: float = 0.5
-    name: str = "h2o"
-    needs_attention: bool = True
 
-    def update(self, view: LayerView, state: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def score(self, view: LayerView, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         received = view.attn.float().sum(2)  # (batch, kv_heads, n_keys)
         if state is not None:  # old tokens carry their sum; new tokens start at 0
             received[..., : state.shape[-1]] += state
-        n_keep = view.budget_tokens(self.budget)
-        n_recent = int(n_keep * self.recent_ratio)
-        # The cache is in token order, so the newest valid tokens are the last ones.
-        newer = view.valid.flip(-1).long().cumsum(-1).flip(-1)  # valid tokens at or after each index
-        recent = view.valid & (newer <= n_recent)
-        scores = received.masked_fill(recent, float("inf"))
-        keep = keep_top(scores, n_keep, view.valid)
-        return keep, gather_state(received, keep)
+        n_max, per_row = view.budget_rows(self.budget)
+        n_recent = int(n_max * self.recent_ratio) if per_row is None else (per_row * self.recent_ratio).long()
+        recent = protected_mask(view, recent=n_recent, sink=0)
+        scores = received if recent is None else received.masked_fill(recent, float("inf"))
+        return scores, received

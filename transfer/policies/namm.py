@@ -1,40 +1,44 @@
-"""NAMM: the frozen, evolved Neural Attention Memory Model as a memory policy.
+"""NAMM: the frozen, evolved Neural Attention Memory Model as a memory policy, and its random controls.
 
-Default behaviour is the reference rule (keep tokens whose BAM score is >= 0, all heads keep the same
-count). `budget` turns on budget mode: at every update the threshold moves to the `budget`-th best score,
-so at most that many tokens stay while the learned ranking decides which. `collect_norm=True` is the
-reference's statistics pass: keep everything and accumulate the per-bin EMA statistics into `norm`.
+Default behaviour is the reference rule (keep tokens whose BAM score is >= 0; all heads of a sequence
+keep the same count, the newest token always stays). `budget` turns on budget mode: at every update
+the threshold moves to the `budget`-th best score, so at most that many tokens stay while the learned
+ranking decides which. The protected set of `ScoredPolicy` applies as for every other policy.
+`collect_norm=True` is the reference's statistics pass: keep everything and accumulate the per-bin
+EMA statistics into `norm`. `NAMMRandom` is the control every table needs: the same network with
+random parameters at the evolved NAMM's parameter scale and with its normalisation statistics.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
-from transfer.memory import LayerView
-from transfer.namm import NAMMBuffers, NAMMConfig, NAMMParams, NormStats, load_namm, namm_update
-
-# Scores are irrelevant in the statistics pass (all-zero parameters); identity statistics avoid a warning.
-_IDENTITY_NORM = NormStats(mean=torch.zeros(17), var=torch.ones(17), count=1)
-DEFAULT_NAMM = Path(__file__).resolve().parents[2] / "artifacts" / "namm" / "namm-shipped"
+from transfer.checkpoint import load_namm
+from transfer.namm import NAMMBuffers, NAMMConfig, NAMMParams, NormStats, namm_score, newest_index, select_keep
+from transfer.policies.base import Keep, LayerView, ScoredPolicy, Selection, keep_top_rows
 
 
 @dataclass
-class NAMMPolicy:
-    theta: torch.Tensor  # (4172,) flat parameters, reference layout
+class NAMMPolicy(ScoredPolicy):
+    name: ClassVar[str] = "namm"
+    description: ClassVar[str] = "the frozen evolved NAMM: BAM scores on attention spectrograms, keep score >= 0"
+    budget_rule: ClassVar[str] = "optional"
+    needs_attention: ClassVar[bool] = True
+
+    theta: torch.Tensor  # (param_size,) flat parameters, reference layout
     norm: NormStats | None = None
     config: NAMMConfig = field(default_factory=NAMMConfig)
-    budget: float | int | None = None
     collect_norm: bool = False
     # "fp32": the reference's precision everywhere. "fast": the BAM's O(n^2) attention in fp16 flash
     # kernels on CUDA (about 10x faster at 32k keys; fp32 on the CPU, where it buys nothing).
     precision: str = "fp32"
-    name: str = "namm"
-    needs_attention: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.precision not in ("fp32", "fast"):
             raise ValueError(f"precision must be 'fp32' or 'fast', got {self.precision!r}")
         self.params = NAMMParams.from_flat(self.theta, self.config)
@@ -43,9 +47,9 @@ class NAMMPolicy:
             self.norm = NormStats.empty()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path | None = None, **kwargs) -> NAMMPolicy:
+    def from_checkpoint(cls, path: str | Path | None = None, **kwargs: Any) -> NAMMPolicy:
         """Load our format or the reference implementation's checkpoint (default: the shipped NAMM)."""
-        theta, norm, config = load_namm(path or DEFAULT_NAMM)
+        theta, norm, config = load_namm(path)
         return cls(theta=theta, norm=norm, config=config, **kwargs)
 
     def _params_on(self, device: torch.device) -> NAMMParams:
@@ -56,21 +60,64 @@ class NAMMPolicy:
             self._device_params[device] = NAMMParams.from_flat(theta.to(device), self.config)
         return self._device_params[device]
 
-    def update(self, view: LayerView, state: NAMMBuffers | None) -> tuple[torch.Tensor | None, NAMMBuffers]:
-        collecting = self.collect_norm
-        out = namm_update(
+    def score(self, view: LayerView, state: NAMMBuffers | None) -> tuple[torch.Tensor, NAMMBuffers]:
+        if self.collect_norm:  # scores are irrelevant (all zero); identity statistics avoid a warning
+            n_bins = self.config.n_bins
+            norm = NormStats(mean=torch.zeros(n_bins), var=torch.ones(n_bins), count=1)
+        else:
+            norm = self.norm
+        scores, buffers = namm_score(
             view.attn,
             state,
             view.slots,
             self._params_on(view.attn.device),
-            _IDENTITY_NORM if collecting else self.norm,
+            norm,
             self.config,
             valid=None if view.all_valid else view.valid,
-            max_keep=None if collecting or self.budget is None else view.budget_tokens(self.budget),
             attention_dtype=torch.float16 if self.precision == "fast" and view.attn.is_cuda else None,
             check_finite=False,  # the memory's own attention; a check would sync the device every layer
         )
-        if collecting:
-            self.norm = self.norm.merge(out.ema, view.valid)
-        keep = None if out.keep.shape[-1] == view.keys.shape[2] else out.keep
-        return keep, out.buffers
+        if self.collect_norm:
+            self.norm = self.norm.merge(buffers.ema, view.valid)
+        return scores, buffers
+
+    def select(self, scores: torch.Tensor, view: LayerView) -> Keep:
+        """The reference rule per sequence (or budget mode); keeping everything returns None."""
+        valid_keys = None if view.all_valid else view.valid
+        if self.budget is not None and not self.collect_norm:  # budget mode: the newest token stays, as above
+            n_max, per_row = view.budget_rows(self.budget, self.protect_recent + self.protect_sink)
+            if per_row is not None:
+                newest = newest_index(valid_keys, scores.shape, scores.device)
+                forced = scores.float().scatter(-1, newest[..., None], float("inf"))
+                return keep_top_rows(forced, n_max, per_row, valid_keys)
+            index, valid = select_keep(scores, valid_keys, self.config.threshold, n_max)
+        else:
+            index, valid = select_keep(scores, valid_keys, self.config.threshold, None)
+        if valid is not None:
+            return Selection(index, valid)
+        return None if index.shape[-1] == scores.shape[-1] else index
+
+
+@dataclass
+class NAMMRandom(NAMMPolicy):
+    """A random-parameter NAMM: theta ~ N(0, std(evolved theta)^2), the evolved NAMM's norm statistics.
+
+    If the evolved NAMM does not beat these controls beyond the CI, evolution did not help.
+    """
+
+    name: ClassVar[str] = "namm-random"
+    description: ClassVar[str] = ("control: a NAMM with random parameters at the evolved NAMM's scale "
+                                  "and statistics (one per seed); budgeted")
+    budget_rule: ClassVar[str] = "required"
+    seed: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path | None = None, seed: int = 0, **kwargs: Any) -> NAMMRandom:
+        theta, norm, config = load_namm(path)
+        return cls(theta=random_theta_like(theta, seed), norm=norm, config=config, seed=seed, **kwargs)
+
+
+def random_theta_like(theta: torch.Tensor, seed: int) -> torch.Tensor:
+    """Gaussian parameters with the same overall standard deviation as `theta` (seeded, CPU generator)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(theta.shape, generator=g, dtype=torch.float64).mul(float(theta.double().std())).to(theta.dtype)

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from transfer.memory import LayerView
-from transfer.policies.base import keep_top, recent_scores
+from transfer.policies.base import LayerView, ScoredPolicy
+
+
+def recent_scores(view: LayerView) -> torch.Tensor:
+    """Newer tokens score higher: (batch, kv_heads, n_keys) slot indices."""
+    return view.slots.float()
 
 
 @dataclass
-class Recency:
-    budget: float | int = 0.5  # tokens (int) or fraction of tokens seen (float <= 1)
-    name: str = "recency"
-    needs_attention: bool = False
+class Recency(ScoredPolicy):
+    name: ClassVar[str] = "recency"
+    description: ClassVar[str] = "keep the newest tokens up to the budget"
 
-    def update(self, view: LayerView, state: Any) -> tuple[torch.Tensor | None, None]:
-        return keep_top(recent_scores(view), view.budget_tokens(self.budget), view.valid), None
+    def score(self, view: LayerView, state: Any) -> tuple[torch.Tensor, None]:
+        return recent_scores(view), None

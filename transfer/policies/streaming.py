@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from transfer.memory import LayerView
-from transfer.policies.base import keep_top, recent_scores
+from transfer.policies.base import LayerView, ScoredPolicy, protected_mask
+from transfer.policies.recency import recent_scores
 
 
 @dataclass
-class StreamingLLM:
-    budget: float | int = 0.5
+class StreamingLLM(ScoredPolicy):
+    name: ClassVar[str] = "streaming"
+    description: ClassVar[str] = "StreamingLLM: 4 attention-sink tokens + the newest tokens"
     n_sink: int = 4
-    name: str = "streaming"
-    needs_attention: bool = False
 
-    def update(self, view: LayerView, state: Any) -> tuple[torch.Tensor | None, None]:
-        scores = recent_scores(view)
-        # Sinks are the first n_sink *valid* tokens of each row: rank valid tokens by slot.
-        rank = view.valid.long().cumsum(-1) - 1  # (batch, kv_heads, n_keys)
-        sink = view.valid & (rank < self.n_sink)
-        scores = torch.where(sink, torch.full_like(scores, float("inf")), scores)
-        return keep_top(scores, view.budget_tokens(self.budget), view.valid), None
+    def score(self, view: LayerView, state: Any) -> tuple[torch.Tensor, None]:
+        # Sinks are the first n_sink *valid* tokens of each row (after left padding).
+        sink = protected_mask(view, recent=0, sink=self.n_sink)
+        return recent_scores(view).masked_fill(sink, float("inf")), None
