@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 
 from envs.d4rl import (
-    REF_MAX_SCORE,
-    REF_MIN_SCORE,
     Episode,
     d4rl_normalized_score,
     load_d4rl_hdf5,
@@ -38,14 +36,51 @@ def _write_raw(path, **arrays):
 # ----------------------------------------------------------------------------- specs and envs
 
 
-def test_d4rl_constants_and_scores():
-    assert REF_MIN_SCORE == {"hopper": -20.272305, "halfcheetah": -280.178953, "walker2d": 1.629008}
-    assert REF_MAX_SCORE == {"hopper": 3234.3, "halfcheetah": 12135.0, "walker2d": 4592.3}
-    np.testing.assert_allclose(d4rl_normalized_score("hopper", [-20.272305, 3234.3]), [0.0, 100.0], atol=1e-9)
-    # halfway between the references is 50
-    mid = (-280.178953 + 12135.0) / 2
-    np.testing.assert_allclose(d4rl_normalized_score("HalfCheetah-v5", mid), 50.0)
-    np.testing.assert_allclose(d4rl_normalized_score("walker2d", 1000.0), 100 * (1000 - 1.629008) / (4592.3 - 1.629008))
+def test_d4rl_score_of_real_rollout_returns():
+    """Real MuJoCo episodes of unequal length, run in one lock-step batch: the returns the rollout reports
+    equal the rewards a recording wrapper saw (no step after an episode ended, none missed), and the
+    evaluator's summary scores them with the D4RL formula per episode, then averages."""
+    import gymnasium as gym
+    import torch
+    from transformers import DecisionTransformerConfig, DecisionTransformerModel
+
+    from adapters.decision_transformer import DecisionTransformerAdapter
+    from eval.rl import summarize
+    from transfer.policies import make_policy
+
+    class Recorder(gym.Wrapper):
+        def reset(self, **kw):
+            self.rewards, self.done = [], False
+            return self.env.reset(**kw)
+
+        def step(self, action):
+            assert not self.done, "stepped an episode that had ended"
+            obs, r, term, trunc, info = self.env.step(action)
+            self.rewards.append(r)
+            self.done = term or trunc
+            return obs, r, term, trunc, info
+
+    torch.manual_seed(1)  # a random DT whose hoppers fall after 18, 18 and 19 steps
+    cfg = DecisionTransformerConfig(state_dim=11, act_dim=3, hidden_size=16, n_layer=1, n_head=1, n_inner=32,
+                                    action_tanh=True)
+    cfg.state_mean, cfg.state_std = [0.0] * 11, [1.0] * 11
+    adapter = DecisionTransformerAdapter(DecisionTransformerModel(cfg))
+    envs = [Recorder(make_env("hopper")) for _ in range(3)]
+    res = adapter.rollout(envs, lambda: make_policy("full"), 3600.0, 32, seed=[0, 1, 2], max_steps=60)
+    lengths = [len(e.rewards) for e in envs]
+    assert res.lengths == lengths and len(set(lengths)) > 1 and max(lengths) < 60  # real terminations
+    assert res.returns == [sum(e.rewards, 0.0) for e in envs]  # summed in step order, as the rollout does
+    rows = [{"return": r, "kept_fraction": 1.0, "seconds": 0.0} for r in res.returns]
+    summary = summarize("hopper")(rows)
+    spec = get_spec("hopper")
+    per_episode = [100 * (r - spec.ref_min_score) / (spec.ref_max_score - spec.ref_min_score) for r in res.returns]
+    np.testing.assert_allclose(summary["score"], np.mean(per_episode), rtol=1e-12)
+    np.testing.assert_allclose(summary["score_std"], np.std(per_episode), rtol=1e-12)
+    assert summary["return"] == pytest.approx(np.mean(res.returns), rel=1e-12)
+    # each environment is scored with its own references (halfway between them is 50)
+    for name, s in ENV_SPECS.items():
+        np.testing.assert_allclose(d4rl_normalized_score(name, (s.ref_min_score + s.ref_max_score) / 2), 50.0)
+        assert s.ref_max_score > s.ref_min_score
     np.testing.assert_allclose(normalized_score([10.0, 110.0], 10.0, 110.0), [0.0, 100.0])
     with pytest.raises(ValueError, match="undefined"):
         normalized_score(1.0, 5.0, 5.0)
