@@ -1,10 +1,12 @@
 """`namm-transfer reproduce`: every domain on the embedded defaults -> one report directory.
 
 Runs language, offline RL and video QA with the full cache, the NAMM (threshold 0 and budget mode),
-and H2O / L2 at the NAMM's measured memory ('match') and at a sweep of budgets; finished runs are
-reused, so a second call only rebuilds the report. The report holds the cross-domain table (Markdown,
-CSV, LaTeX), per-domain tables, score-versus-kept-cache curves, eviction maps, the paper's numbers in
-columns labelled as the paper's (n/a until copied from the paper), and the configs and versions used.
+the random-parameter NAMM controls, a NAMM that keeps the attention sinks, and H2O / L2 at the NAMM's
+measured memory ('match') and at a sweep of budgets, every policy under one protected set. Finished
+runs are reused, so a second call only rebuilds the report. The report (see its README.md) holds the
+cross-domain table with paired bootstrap CIs, the evolved NAMM's comparisons (controls, H2O, L2, the full
+cache) with verdicts that follow the CIs, per-domain tables, score-versus-kept-cache curves with error
+bars, eviction maps, and the configs, versions and commit it was made at.
 """
 
 from __future__ import annotations
@@ -18,114 +20,154 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from eval.tables import fmt, to_csv, to_latex, to_markdown
-from transfer.rundir import write_json_atomic
+from eval.tables import fmt, fmt_ci, fmt_delta, fmt_seeds, main_rows, to_csv, to_latex, to_markdown
+from transfer.atomic import write_json_atomic
+from transfer.stats import PairedBootstrap, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = json.loads((ROOT / "eval" / "paper_numbers.json").read_text())
+DOMAINS = ("lm", "rl", "video")
 SWEEP = "0.25,0.5,0.75"
+SINK = 4  # tokens the sink-protected NAMM keeps at the start (StreamingLLM's default)
 
-# Command-line arguments of each domain's evaluator, per preset (parsed by the domain's own parser).
-PRESETS: dict[str, dict[str, list[str]]] = {
-    "quick": {
-        "lm": ["--tasks", "niah_single,vt,fwe", "--n", "8", "--length", "2048", "--batch-size", "8"],
-        "rl": ["--episodes", "3", "--max-steps", "300"],
-        "video": ["--limit", "12"],
+# Options of each domain's evaluator, per preset (its parser's defaults for everything else).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "quick": {  # a smoke test on a 2-core CPU: small n, wide CIs
+        "lm": {"tasks": "niah_single,vt,fwe", "limit": 8, "length": 2048, "batch_size": 8},
+        "rl": {"episodes": 3, "max_steps": 300},
+        "video": {"limit": 12},
     },
     "full": {
-        "lm": ["--tasks", "niah_single,vt,fwe,niah_multikey,mqar,passage", "--n", "32", "--length", "2048"],
-        "rl": ["--episodes", "10", "--max-steps", "1000"],
-        "video": [],
+        "lm": {"tasks": "niah_single,vt,fwe,niah_multikey,mqar,passage", "limit": 100, "length": 2048},
+        "rl": {"episodes": 20, "max_steps": 1000},
+        "video": {},
     },
 }
-MAIN_ROWS = ["full", "namm", "h2o@match", "l2@match"]
+POLICIES = f"full,namm,namm-sink,namm-random,h2o,l2,namm@{SWEEP.replace(',', ',namm@')}"
+BUDGETS = {"quick": "match", "full": f"match,{SWEEP}"}
+MAIN_ROWS = ["full", "namm", "namm-random@match", "h2o@match", "l2@match"]
+COMPARED = ["full", "namm-random@match", "h2o@match", "l2@match", "namm-sink"]
 
 
-def _domain_args(module: Any, argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    module.add_arguments(p)
-    return p.parse_args(argv)
+def domain_parser(domain: str) -> tuple[Any, argparse.ArgumentParser]:
+    module = __import__(f"eval.{domain}", fromlist=["run"])
+    parser = argparse.ArgumentParser(prog=f"namm-transfer eval {domain}")
+    module.add_arguments(parser)
+    return module, parser
 
 
-def config_argv(config: dict[str, Any], domain: str) -> list[str]:
-    """A --config file's options for one domain ({"model": "x", "max-steps": 5}) as command-line arguments."""
-    argv: list[str] = []
-    for key, value in config.get(domain, {}).items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return argv
+def domain_options(parser: argparse.ArgumentParser, options: dict[str, Any], where: str) -> argparse.Namespace:
+    """The evaluator's defaults overridden by `options` ({"update-interval": 512} or {"update_interval": 512}),
+    as the evaluator's own Namespace: no argv strings; an unknown key is one error naming it."""
+    args = parser.parse_args([])
+    dests = {opt.lstrip("-").replace("-", "_"): action.dest for action in parser._actions
+             for opt in action.option_strings}
+    for key, value in options.items():
+        name = str(key).replace("-", "_")
+        if name not in dests:
+            raise ValueError(f"{where}: unknown option {key!r} for `{parser.prog}` (see its --help)")
+        setattr(args, dests[name], value)
+    return args
 
 
-def run_domains(
-    preset: str, out: Path, namm: str | None, domains: list[str], config: dict[str, Any] | None = None
-) -> dict[str, dict[str, dict]]:
-    """{domain: {policy label: metrics}}; RL metrics are averaged over environments."""
-    policies = f"full,namm,h2o,l2,namm@{SWEEP.replace(',', ',namm@')}"
-    common = ["--policies", policies, "--budget", f"match,{SWEEP}"] + (["--namm", namm] if namm else [])
+def run_domains(preset: str, out: Path, namm: str | None, domains: list[str],
+                config: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, dict[str, dict]]:
+    """{domain: {policy label: metrics}}: every domain through its own evaluator, one shape of result."""
+    common = {"policies": POLICIES, "budget": BUDGETS[preset], "namm": namm, **(extra or {})}
     results: dict[str, dict[str, dict]] = {}
     for domain in domains:
-        module = __import__(f"eval.{domain}", fromlist=["run"])
-        argv = [*PRESETS[preset][domain], *common, *config_argv(config or {}, domain)]
-        argv += ["--out", str(out / "runs" / domain)]
+        module, parser = domain_parser(domain)
+        options = {**PRESETS[preset][domain], **common, **(config or {}).get(domain, {}),
+                   "out": str(out / "runs" / domain)}
         t0 = time.time()
-        res = module.run(_domain_args(module, argv))
-        if domain == "rl":
-            res = average_envs(res)
-        results[domain] = res
+        results[domain] = module.run(domain_options(parser, options, f"--config {domain}"))
         print(f"[reproduce] {domain}: {time.time() - t0:.0f} s", flush=True)
     return results
 
 
-def average_envs(per_env: dict[str, dict[str, dict]]) -> dict[str, dict]:
-    """Mean score and kept fraction over environments, keeping per-environment scores as `per_task`."""
-    labels = next(iter(per_env.values())).keys()
-    out = {}
-    for label in labels:
-        rows = {env: res[label] for env, res in per_env.items() if label in res}
-        kept = [m["kept_fraction"] for m in rows.values() if m.get("kept_fraction") is not None]
-        out[label] = {
-            "score": float(np.mean([m["score"] for m in rows.values()])),
-            "kept_fraction": float(np.mean(kept)) if kept else None,
-            "per_task": {env: m["score"] for env, m in rows.items()},
-        }
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- tables
 def cross_domain_table(results: dict[str, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    """Rows: the main policies; per domain: score [95 % CI], difference to full [CI], kept %, n."""
     header = ["policy"]
     for domain in results:
-        header += [f"{domain} score", f"{domain} kept %", f"{domain} paper score"]
+        header += [f"{domain} score [95% CI]", f"{domain} vs full", f"{domain} kept %"]
     rows = []
     for label in MAIN_ROWS:
-        row = [label]
-        for domain, res in results.items():
+        if not any(label in res for res in results.values()):
+            continue
+        row = [label + (" (mean of seeds)" if label.startswith("namm-random") else "")]
+        for res in results.values():
             m = res.get(label, {})
-            row += [fmt(m.get("score")), fmt(m.get("kept_fraction"), pct=True), paper_cell(domain, label)]
+            row += [fmt_ci(m), fmt_delta(m) if label != "full" else "", fmt(m.get("kept_fraction"), pct=True)]
         rows.append(row)
     return header, rows
 
 
-def paper_cell(domain: str, label: str) -> str:
-    """The paper's headline number for this row, or n/a (never estimated)."""
-    table = PAPER.get(domain, {})
-    row = table.get("rows", {}).get(label.split("@")[0], {})
-    values = [v for k, v in row.items() if k != "cache size" and v is not None]
-    return fmt(values[0]) if values else "n/a"
+def comparisons(results: dict[str, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    """The evolved NAMM against every comparison row, domain by domain: paired difference and verdict."""
+    header = ["domain", "namm minus", "difference [95% CI]", "verdict", "namm kept %", "other kept %", "n"]
+    rows = []
+    for domain, res in results.items():
+        units = {label: [tuple(u) for u in res[label]["units"]] for label in ["namm", *COMPARED]
+                 if res.get(label, {}).get("units")}
+        if "namm" not in units:
+            continue
+        table = PairedBootstrap(units)
+        for other in COMPARED:
+            if other in units:
+                diff = table.diff("namm", other)
+                rows.append([domain, other, f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]", verdict(diff),
+                             fmt(res["namm"].get("kept_fraction"), pct=True),
+                             fmt(res[other].get("kept_fraction"), pct=True), str(table.n_units)])
+    return header, rows
+
+
+def controls_table(results: dict[str, dict[str, dict]]) -> tuple[list[str], list[list[str]]]:
+    """The random-NAMM controls: the evolved NAMM's score beside each seed's and their mean and range."""
+    header = ["domain", "control", "evolved namm", "controls: mean (range, seeds)", "pooled [95% CI]", "kept %"]
+    rows = []
+    for domain, res in results.items():
+        for label, m in res.items():
+            if m.get("seed_scores"):
+                rows.append([domain, label, fmt_ci(res.get("namm", {})), fmt_seeds(m), fmt_ci(m),
+                             fmt(m.get("kept_fraction"), pct=True)])
+    return header, rows
 
 
 def domain_table(domain: str, res: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    """Paper layout: rows = policies; columns = tasks/environments, average, kept %, paper columns."""
-    subs = sorted({k for m in res.values() for k in m.get("per_task", {})})
-    paper_cols = [c for c in PAPER.get(domain, {}).get("columns", [])]
-    header = ["policy", *subs, "avg", "kept %", *[f"paper {c}" for c in paper_cols]]
+    """Rows = policies; columns = tasks/environments, score [CI], difference to full [CI], kept %, n, and the
+    paper's numbers only where a verified one exists (eval/paper_numbers.json)."""
+    labels = main_rows(res)
+    subs = sorted({k for label in labels for k in res[label].get("per_task", {})})
+    paper = paper_columns(domain)
+    header = ["policy", *subs, "score [95% CI]", "vs full [95% CI]", "kept %", "n", *[f"paper {c}" for c in paper]]
     rows = []
-    for label, m in res.items():
-        prow = PAPER.get(domain, {}).get("rows", {}).get(label, {})
-        rows.append([label, *[fmt(m.get("per_task", {}).get(s)) for s in subs], fmt(m.get("score")),
-                     fmt(m.get("kept_fraction"), pct=True), *[fmt(prow.get(c)) for c in paper_cols]])
+    for label in labels:
+        m = res[label]
+        prow = PAPER.get(domain, {}).get("rows", {}).get(label.split("@")[0], {})
+        rows.append([label, *[fmt(m.get("per_task", {}).get(s)) for s in subs], fmt_ci(m), fmt_delta(m),
+                     fmt(m.get("kept_fraction"), pct=True), fmt(m.get("n")), *[fmt(prow.get(c)) for c in paper]])
     return header, rows
+
+
+def paper_columns(domain: str) -> list[str]:
+    """The paper's columns that hold at least one verified number (none: no paper column at all)."""
+    table = PAPER.get(domain, {})
+    return [c for c in table.get("columns", []) if any(r.get(c) is not None for r in table.get("rows", {}).values())]
+
+
+def raw_csv(results: dict[str, dict[str, dict]]) -> str:
+    """Every label of every domain with its raw numbers (no formatting), for plots and other tools."""
+    header = ["domain", "policy", "score", "ci_low", "ci_high", "delta_full", "delta_low", "delta_high",
+              "kept_fraction", "n_units", "n_rows"]
+    rows = []
+    for domain, res in results.items():
+        for label, m in res.items():
+            ci, dci = m.get("ci") or (None, None), m.get("delta_ci") or (None, None)
+            rows.append([domain, label, m.get("score"), *ci, m.get("delta"), *dci, m.get("kept_fraction"),
+                         m.get("n"), m.get("n_rows")])
+    return to_csv(header, [["" if v is None else v for v in row] for row in rows])
 
 
 def write_table(path: Path, header: list[str], rows: list[list[str]], caption: str = "") -> None:
@@ -136,7 +178,7 @@ def write_table(path: Path, header: list[str], rows: list[list[str]], caption: s
 
 # ----------------------------------------------------------------------------------------------- plots
 def plot_curves(results: dict[str, dict[str, dict]], path: Path) -> None:
-    """Score versus kept-cache % per domain: a line per policy over its budgets."""
+    """Score versus kept-cache % per domain: a line per policy over its budgets, 95 % CI error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,57 +186,73 @@ def plot_curves(results: dict[str, dict[str, dict]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.8), squeeze=False)
     styles = {"namm": ("C3", "o"), "h2o": ("C0", "s"), "l2": ("C2", "^"), "recency": ("C4", "v"),
-              "streaming": ("C5", "D"), "random": ("C7", "x")}
+              "streaming": ("C5", "D"), "random": ("C7", "x"), "namm-random": ("C8", "P"), "namm-sink": ("C1", "*")}
     for ax, (domain, res) in zip(axes[0], results.items()):
-        groups: dict[str, list[tuple[float, float]]] = {}
-        for label, m in res.items():
+        groups: dict[str, list[tuple[float, float, float, float]]] = {}
+        for label in main_rows(res):
+            m = res[label]
             name = label.split("@")[0]
-            if m.get("kept_fraction") is None or name == "full":
+            if m.get("kept_fraction") is None or name == "full" or m.get("score") is None:
                 continue
-            groups.setdefault(name, []).append((100 * m["kept_fraction"], m["score"]))
+            lo, hi = m.get("ci") or (m["score"], m["score"])
+            groups.setdefault(name, []).append((100 * m["kept_fraction"], m["score"], m["score"] - lo, hi - m["score"]))
         for name, pts in groups.items():
             pts.sort()
+            x, y, el, eh = zip(*pts)
             color, marker = styles.get(name, ("k", "."))
-            ax.plot(*zip(*pts), marker=marker, color=color, label=name)
-        if "namm" in res:
-            ax.scatter([100 * res["namm"]["kept_fraction"]], [res["namm"]["score"]], marker="*", s=220,
-                       color="C3", zorder=5, edgecolor="k", label="namm (threshold 0)")
-        if "full" in res:
+            ax.errorbar(x, y, yerr=[el, eh], marker=marker, color=color, label=name, capsize=3)
+        if "full" in res and res["full"].get("ci"):
+            lo, hi = res["full"]["ci"]
             ax.axhline(res["full"]["score"], color="gray", ls="--", label="full cache")
-        ax.set_title(domain)
+            ax.axhspan(lo, hi, color="gray", alpha=0.15)
+        n = res.get("full", {}).get("n")
+        ax.set_title(f"{domain} (n = {n})" if n else domain)
         ax.set_xlabel("kept cache %")
         ax.set_ylabel("score")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def eviction_map(history: list[tuple[int, torch.Tensor]], n_tokens: int, title: str, path: Path) -> None:
-    """Which tokens each layer kept over time: rows = updates, columns = token index, colour = share of heads."""
+def eviction_map(history: list[tuple[int, Any]], n_tokens: int, title: str, path: Path) -> None:
+    """Which tokens each layer kept over time: rows = updates, columns = token index, colour = share of heads.
+
+    Evicted tokens are black, so a single evicted token shows; a second panel zooms on the first tokens
+    (where attention sinks live)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import torch
 
     layers = sorted({layer for layer, _ in history})
     shown = layers if len(layers) <= 4 else [layers[i] for i in np.linspace(0, len(layers) - 1, 4).astype(int)]
-    fig, axes = plt.subplots(len(shown), 1, figsize=(9, 1.5 + 1.3 * len(shown)), squeeze=False)
-    for ax, layer in zip(axes[:, 0], shown):
+    zoom = min(64, n_tokens)
+    fig, axes = plt.subplots(len(shown), 2, figsize=(12, 1.5 + 1.3 * len(shown)), squeeze=False,
+                             gridspec_kw={"width_ratios": [4, 1]})
+    cmap = plt.get_cmap("viridis").with_extremes(under="black", bad="white")  # evicted, not seen yet
+    im = None
+    for row, layer in enumerate(shown):
         updates = [slots for lay, slots in history if lay == layer]
         grid = np.full((len(updates), n_tokens), np.nan)
         for u, slots in enumerate(updates):
-            s = slots[0].cpu()  # (kv_heads, n_keep), first sequence of the batch
+            s = slots[0].cpu()  # (kv_heads, n_keep), first sequence of the batch; -1 = not valid
             seen = int(s.max()) + 1
-            grid[u, :seen] = 0.0
             counts = torch.zeros(n_tokens)
             counts.index_add_(0, s[s >= 0].flatten(), torch.ones(int((s >= 0).sum())))
-            grid[u, :seen] = (counts[:seen] / s.shape[0]).numpy()
-        im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
-        ax.set_ylabel(f"layer {layer}\nupdate")
-    axes[-1, 0].set_xlabel("token index (order fed)")
-    fig.colorbar(im, ax=axes[:, 0].tolist(), label="share of KV heads keeping the token")
+            share = (counts[:seen] / s.shape[0]).numpy()
+            grid[u, :seen] = np.where(share > 0, share, -1.0)  # -1: evicted by every head
+        for col, (data, label) in enumerate(((grid, "token index (order fed)"), (grid[:, :zoom], f"first {zoom}"))):
+            ax = axes[row, col]
+            im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", interpolation="nearest", cmap=cmap,
+                           vmin=1e-6, vmax=1)
+            ax.set_yticks(range(0, len(updates), max(1, len(updates) // 4)))
+            if row == len(shown) - 1:
+                ax.set_xlabel(label)
+        axes[row, 0].set_ylabel(f"layer {layer}\nupdate")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="share of KV heads keeping the token (black: evicted)")
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -203,15 +261,18 @@ def eviction_map(history: list[tuple[int, torch.Tensor]], n_tokens: int, title: 
 def eviction_examples(out: Path, namm: str | None, domains: list[str]) -> list[str]:
     """One recorded NAMM run per domain -> eviction_<domain>.png; returns the files written."""
     from transfer.policies import make_policy
+    from transfer.runner import DEFAULT_PROTECT_RECENT, DEFAULT_UPDATE_INTERVAL
 
+    protect = {"protect_recent": DEFAULT_PROTECT_RECENT}
     written = []
     if "lm" in domains:
-        from eval.lm import DEFAULT_LM, load_lm, make_examples
+        from tasks.language import DEFAULT_LM, load_lm, make_examples
 
         adapter, tok = load_lm(DEFAULT_LM)
         ex = make_examples("niah_single", 1, 2048, 7)[0]
         enc = tok([ex.prompt], return_tensors="pt")
-        memory = adapter.new_memory(make_policy("namm", namm=namm), update_interval=256, record=True)
+        memory = adapter.new_memory(make_policy("namm", namm=namm, **protect), update_interval=DEFAULT_UPDATE_INTERVAL,
+                                    record=True)
         adapter.generate(memory, enc.input_ids, enc.attention_mask, 8)
         eviction_map(memory.history, memory.n_fed, f"NAMM on the source LM (niah_single, {memory.n_fed} tokens)",
                      out / "eviction_lm.png")
@@ -222,24 +283,95 @@ def eviction_examples(out: Path, namm: str | None, domains: list[str]) -> list[s
         from eval.rl import default_model
 
         adapter = DecisionTransformerAdapter.from_pretrained(str(default_model("hopper")), env_name="hopper")
-        adapter.rollout([make_env("hopper")], lambda: make_policy("namm", namm=namm),
-                        float(adapter.model.config.target_return), 96, max_steps=300, record=True)
-        memory = adapter.last_memory
-        eviction_map(memory.history, memory.n_fed, "NAMM on the Decision Transformer (hopper; tokens R,s,a)",
-                     out / "eviction_rl.png")
+        result = adapter.rollout([make_env("hopper")], lambda: make_policy("namm", namm=namm, **protect),
+                                 float(adapter.model.config.target_return), DEFAULT_UPDATE_INTERVAL, max_steps=300,
+                                 record=True)
+        eviction_map(result.memory.history, result.memory.n_fed,
+                     "NAMM on the Decision Transformer (hopper; tokens R,s,a)", out / "eviction_rl.png")
         written.append("eviction_rl.png")
     if "video" in domains:
         from eval.video import eviction_history
 
-        history, n_tokens = eviction_history(namm)
+        history, n_tokens = eviction_history(namm, update_interval=DEFAULT_UPDATE_INTERVAL)
         eviction_map(history, n_tokens, "NAMM on the video model (video tokens, then question)",
                      out / "eviction_video.png")
         written.append("eviction_video.png")
     return written
 
 
+# ----------------------------------------------------------------------------------------------- report
+def findings(results: dict[str, dict[str, dict]]) -> list[str]:
+    """One sentence per domain, worded by the CIs: a claim only where the paired CI excludes zero."""
+    lines = []
+    _, rows = comparisons(results)
+    for domain in results:
+        mine = {r[1]: r for r in rows if r[0] == domain}
+        if not mine:
+            continue
+        parts = []
+        for other, name in (("full", "the full cache"), ("namm-random@match", "the random-NAMM controls"),
+                            ("h2o@match", "H2O"), ("l2@match", "L2")):
+            if other in mine:
+                word = {"better": "above", "worse": "below", "within noise": "within noise of"}[mine[other][3]]
+                parts.append(f"{word} {name} ({mine[other][2]})")
+        kept = results[domain]["namm"].get("kept_fraction")
+        lines.append(f"- **{domain}** (n = {next(iter(mine.values()))[6]} units; the NAMM keeps "
+                     f"{fmt(kept, pct=True)} %): the evolved NAMM is " + "; ".join(parts) + ".")
+    return lines
+
+
+def versions() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from transfer.rundir import code_fingerprint
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "platform": platform.platform(), "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")), "code": code_fingerprint()}
+
+
+def write_index(report: Path, figures: list[str], header: str, meta: dict[str, Any]) -> None:
+    """report/README.md: every table and figure with one line on what it shows."""
+    lines = [
+        "# namm-transfer report", "",
+        f"Made by `namm-transfer reproduce --preset {meta['preset']}` at commit `{meta['versions']['git_commit']}`"
+        + (" (with uncommitted changes)" if meta["versions"]["git_dirty"] else "")
+        + f", code fingerprint `{meta['versions']['code']}`; options and versions in [config.json](config.json).",
+        "", f"Every table: {header}. Scores carry a paired bootstrap 95 % CI over the evaluation units "
+        "(prompts within tasks, episodes within environments, videos); a difference is a claim only where its CI "
+        "excludes zero.", "",
+        "| file | what it shows |", "|---|---|",
+        "| [cross_domain.md](cross_domain.md) (.csv, .tex) | the main policies in every domain: score, difference to "
+        "the full cache, kept cache |",
+        "| [comparisons.md](comparisons.md) | the evolved NAMM minus each comparison (full, random-NAMM controls, H2O, "
+        "L2, NAMM with sinks) with paired CIs and verdicts |",
+        "| [controls.md](controls.md) | the random-parameter NAMM controls seed by seed against the evolved NAMM |",
+        *[f"| [table_{d}.md](table_{d}.md) | {d}: every policy and budget, per task/environment |"
+          for d in meta["domains"]],
+        "| [results.csv](results.csv) | raw numbers of every row (score, CI, difference, kept fraction, n) |",
+        "| [results.json](results.json) | everything above, with the bootstrap units |",
+        *[f"| [{f}]({f}) | {FIGURES.get(f, '')} |" for f in figures],
+    ]
+    (report / "README.md").write_text("\n".join(lines) + "\n")
+
+
+FIGURES = {
+    "score_vs_kept.png": "score against kept cache per domain, 95 % CI error bars, full cache as a band",
+    "eviction_lm.png": "which tokens the NAMM keeps on one language prompt, layer by layer (black: evicted)",
+    "eviction_rl.png": "the same on one hopper episode of the Decision Transformer",
+    "eviction_video.png": "the same on one synthetic video of the video model",
+}
+
+
 def update_readme(report: Path, preset: str) -> None:
-    """Copy the report to docs/report/ and replace the README's results section with its table and curves."""
+    """Copy the report to docs/report/ and replace the README's results section with its tables."""
     import shutil
 
     docs = ROOT / "docs" / "report"
@@ -253,38 +385,46 @@ def update_readme(report: Path, preset: str) -> None:
     if start not in text or end not in text:
         raise ValueError(f"{readme} has no {start} ... {end} section to update")
     section = (
-        f"{start}\nFrom `namm-transfer reproduce --preset {preset}` (config and versions: "
-        "[docs/report/config.json](docs/report/config.json); per-domain tables in docs/report/). Scores: "
-        "language = mean exact-match over tasks, RL = D4RL-normalised return averaged over the three "
-        "environments, video = accuracy on the synthetic set. `h2o@match`/`l2@match` run at the NAMM's "
-        "measured kept fraction.\n\n" + (report / "cross_domain.md").read_text()
+        f"{start}\nFrom `namm-transfer reproduce --preset {preset}` ([report index](docs/report/README.md); "
+        "config, versions and commit in [docs/report/config.json](docs/report/config.json)). Scores: "
+        "language = mean exact-match over tasks, RL = D4RL-normalised return averaged over the environments, "
+        "video = accuracy on the synthetic set; `@match` rows run at the NAMM's measured kept fraction; "
+        "`namm-random` is the mean of random-parameter NAMMs at the evolved NAMM's scale.\n\n"
+        + (report / "cross_domain.md").read_text() + "\n" + (report / "findings.md").read_text()
         + "\n![score versus kept cache](docs/report/score_vs_kept.png)\n" + end
     )
     readme.write_text(text[: text.index(start)] + section + text[text.index(end) + len(end):])
 
 
-def versions() -> dict[str, Any]:
-    import transformers
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "platform": platform.platform(), "git_commit": commit}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                   help="quick: CPU in under 10 minutes; full: more examples/episodes (GPU recommended)")
+                   help="quick: a smoke test on a CPU in minutes (small n, wide CIs); full: the statistics a "
+                        "claim needs (GPU recommended)")
     p.add_argument("--domains", default="lm,rl,video", help="comma-separated subset of lm,rl,video")
     p.add_argument("--namm", default=None, help="NAMM checkpoint (default: the shipped one)")
+    p.add_argument("--controls", type=int, default=5, help="random-parameter NAMM controls per domain")
     p.add_argument("--config", default=None,
                    help="JSON file of per-domain evaluator options overriding the preset, e.g. real models and "
                         "benchmarks for a GPU user (see eval/configs/paper-gpu.json)")
     p.add_argument("--out", default="runs/reproduce", help="runs and report go here; finished runs are reused")
     p.add_argument("--update-readme", action="store_true",
-                   help="also copy the report's tables and curves to docs/report/ and put the table in README.md")
+                   help="also copy the report to docs/report/ and put its table in README.md")
+
+
+def load_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config {file}: no such file")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--config {file}: not valid JSON ({err})") from None
+    unknown = set(config) - set(DOMAINS) - {k for k in config if k.startswith("_")}
+    if unknown:
+        raise ValueError(f"--config {file}: unknown domain(s) {sorted(unknown)}; use lm, rl, video")
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -292,33 +432,36 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     report = out / "report"
     domains = [d.strip() for d in args.domains.split(",")]
-    if set(domains) - {"lm", "rl", "video"}:
-        raise ValueError(f"--domains: unknown {sorted(set(domains) - {'lm', 'rl', 'video'})}; use lm, rl, video")
-    config = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path}: no such file")
-        config = json.loads(path.read_text())
-        unknown = set(config) - {"lm", "rl", "video"} - {k for k in config if k.startswith("_")}
-        if unknown:
-            raise ValueError(f"--config {path}: unknown domain(s) {sorted(unknown)}; use lm, rl, video")
+    if set(domains) - set(DOMAINS):
+        raise ValueError(f"--domains: unknown {sorted(set(domains) - set(DOMAINS))}; use lm, rl, video")
+    config = load_config(args.config)
+    for domain in domains:  # every option checked before any run starts
+        _, parser = domain_parser(domain)
+        domain_options(parser, config.get(domain, {}), f"--config {args.config} [{domain}]")
+    results = run_domains(args.preset, out, args.namm, domains, config, {"controls": args.controls})
     report.mkdir(parents=True, exist_ok=True)
-    results = run_domains(args.preset, out, args.namm, domains, config)
-    note = "Columns `paper ...` hold numbers copied from the paper ({}); n/a = not copied yet, never estimated."
-    write_table(report / "cross_domain", *cross_domain_table(results),
-                note.format("; ".join(PAPER[d]["table"] for d in results if d in PAPER)))
+    from transfer.runner import RunOptions
+
+    header = RunOptions().header()
+    write_table(report / "cross_domain", *cross_domain_table(results), f"Protection and schedule: {header}.")
+    write_table(report / "comparisons", *comparisons(results), "The evolved NAMM minus each row, paired bootstrap.")
+    write_table(report / "controls", *controls_table(results), "Random-parameter NAMMs at the evolved NAMM's scale.")
     for domain, res in results.items():
-        write_table(report / f"table_{domain}", *domain_table(domain, res), note.format(PAPER[domain]["table"]))
+        write_table(report / f"table_{domain}", *domain_table(domain, res), f"{domain}. {header}.")
+    (report / "findings.md").write_text("\n".join(findings(results)) + "\n")
+    (report / "results.csv").write_text(raw_csv(results))
     plot_curves(results, report / "score_vs_kept.png")
     figures = ["score_vs_kept.png", *eviction_examples(report, args.namm, domains)]
-    write_json_atomic(report / "config.json", {"preset": args.preset, "domains": domains, "namm": args.namm,
-                                               "config_file": config,
-                                               "domain_args": PRESETS[args.preset], "versions": versions(),
-                                               "seconds": time.time() - t0})
+    meta = {"preset": args.preset, "domains": domains, "namm": args.namm, "controls": args.controls,
+            "config_file": config, "domain_options": {d: PRESETS[args.preset][d] for d in domains},
+            "policies": POLICIES, "budgets": BUDGETS[args.preset], "protection": header,
+            "versions": versions(), "seconds": time.time() - t0}
+    write_json_atomic(report / "config.json", meta)
     write_json_atomic(report / "results.json", results)
+    write_index(report, figures, header, meta)
     if args.update_readme:
         update_readme(report, args.preset)
     print((report / "cross_domain.md").read_text())
-    print(f"report: {report} (tables .md/.csv/.tex, {', '.join(figures)}); {time.time() - t0:.0f} s")
+    print((report / "findings.md").read_text())
+    print(f"report: {report / 'README.md'} ({time.time() - t0:.0f} s)")
     return 0

@@ -24,7 +24,14 @@ from adapters.decision_transformer import (
 from envs.d4rl import d4rl_normalized_score
 from envs.mujoco import get_spec, make_env
 from transfer.rundir import RunDir, slug
-from transfer.runner import RunOptions, add_reference_row, add_run_arguments, evaluate_policies, run_key
+from transfer.runner import (
+    RunOptions,
+    add_reference_row,
+    add_run_arguments,
+    evaluate_policies,
+    pool_strata,
+    run_key,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ENVS = "hopper,halfcheetah,walker2d"
@@ -69,8 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p, batch_size=16, out="runs/rl")
 
 
-def run(args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]]:
-    return {env: evaluate_env(get_spec(env).name, args) for env in args.env.split(",")}
+def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every environment, then one result per policy pooled over them (environments are strata)."""
+    per_env = {get_spec(env).name: evaluate_env(get_spec(env).name, args) for env in args.env.split(",")}
+    return per_env[next(iter(per_env))] if len(per_env) == 1 else pool_strata(per_env)
 
 
 def evaluate_env(env: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:

@@ -35,9 +35,9 @@ CASE_BY_NAME = {c.name: c for c in CASES}
 
 def make_test_policy(name: str):
     """Each registered policy at a setting that evicts on ~150-token inputs (new budgeted ones: 40%)."""
-    if name == "namm":
+    if name in ("namm", "namm-sink"):  # parameters that evict on these inputs
         norm = NormStats(mean=torch.full((17,), 0.01), var=torch.full((17,), 1e-4), count=100)
-        return NAMMPolicy(random_namm_theta(), norm)
+        return POLICIES[name](random_namm_theta(), norm)
     if name == "namm-random":
         return make_policy(name, budget=BUDGETS[name], seed=1)
     if name == "l2":  # every layer compressed, so (f) can check each layer shrinks; skip_layers is policy logic

@@ -55,7 +55,7 @@ def test_l2_leaves_layer_0_uncompressed_and_spreads_its_memory():
         0, 1, 3, 5, 7, 9]  # no skipped layer: the plain 60 % budget, the 6 lowest norms
 
 
-@pytest.mark.parametrize("name", ["recency", "streaming", "h2o", "l2", "random", "namm-random", "namm"])
+@pytest.mark.parametrize("name", ["recency", "streaming", "h2o", "l2", "random", "namm-random", "namm", "namm-sink"])
 def test_protected_tokens_are_never_evicted(name):
     """The same protected set (newest W, first S valid tokens) holds for every policy, whatever it scores."""
     n = 64
@@ -67,14 +67,14 @@ def test_protected_tokens_are_never_evicted(name):
     keys[..., -5:, :] *= 100  # ... and the newest ones
     valid = torch.ones(1, 2, n, dtype=torch.bool)
     valid[..., :2] = False  # left padding: the sinks are the first VALID tokens
-    if name == "namm":  # the reference rule with parameters that evict about half (negative output bias)
+    if name in ("namm", "namm-sink"):  # the reference rule with parameters that evict (negative output bias)
         from conftest import random_namm_theta
 
         from transfer.namm import NormStats
-        from transfer.policies.namm import NAMMPolicy
+        from transfer.policies import POLICIES
 
         norm = NormStats(mean=torch.full((17,), 0.01), var=torch.full((17,), 1e-4), count=100)
-        policy = NAMMPolicy(random_namm_theta(), norm, protect_recent=8, protect_sink=3)
+        policy = POLICIES[name](random_namm_theta(), norm, protect_recent=8, protect_sink=3)
     else:
         policy = make_policy(name, budget=0.2, protect_recent=8, protect_sink=3)
     v = LayerView(layer=1, keys=keys, slots=torch.arange(n).expand(1, 2, n), valid=valid, n_new=n,
@@ -85,6 +85,26 @@ def test_protected_tokens_are_never_evicted(name):
     for head in range(2):
         kept_slots = set(index[0, head][ok[0, head]].tolist())
         assert {2, 3, 4} <= kept_slots and set(range(n - 8, n)) <= kept_slots, (name, sorted(kept_slots))
+
+
+def test_namm_sink_keeps_the_first_valid_tokens_on_top_of_the_protected_set():
+    from conftest import random_namm_theta
+
+    from transfer.namm import NormStats
+    from transfer.policies.namm import NAMMPolicy, NAMMSink
+
+    n = 64
+    attn = torch.rand(1, 1, n, n, generator=torch.Generator().manual_seed(3)).tril()
+    attn = attn / attn.sum(-1, keepdim=True)
+    valid = torch.ones(1, 1, n, dtype=torch.bool)
+    valid[..., :2] = False
+    v = LayerView(layer=0, keys=torch.zeros(1, 1, n, 4), slots=torch.arange(n).expand(1, 1, n), valid=valid,
+                  n_new=n, n_seen=torch.tensor([n - 2]), attn=attn)
+    norm = NormStats(mean=torch.full((17,), 0.01), var=torch.full((17,), 1e-4), count=100)
+    plain, _ = NAMMPolicy(random_namm_theta(), norm).update(v, None)
+    sink, _ = NAMMSink(random_namm_theta(), norm).update(v, None)
+    assert not {2, 3, 4, 5} <= set(plain[0, 0].tolist())  # the plain NAMM evicts some of them here ...
+    assert {2, 3, 4, 5} <= set(sink[0, 0].tolist())  # ... the sink variant keeps the first 4 valid tokens
 
 
 def test_protection_is_a_floor_on_the_budget():

@@ -334,7 +334,7 @@ def pool_controls(results: dict[str, dict[str, Any]], units: dict[str, list]) ->
         units[group] = [(*key, sum(v) / len(v)) for key, v in rows.items() if len(v) == len(labels)]
         kept = [results[label].get("kept_fraction") for label in labels]
         results[group] = {
-            "policy": group, "seeds": len(labels), "seed_scores": [results[label]["score"] for label in labels],
+            "policy": group, "seeds": labels,  # seed_scores: filled in by attach_stats
             "kept_fraction": sum(kept) / len(kept) if None not in kept else None,
         }
 
@@ -354,7 +354,33 @@ def attach_stats(results: dict[str, dict[str, Any]], units: dict[str, list]) -> 
         if REFERENCE in usable:
             delta, lo, hi = table.diff(label, REFERENCE)
             m.update(delta=delta, delta_ci=(lo, hi))
+    for m in results.values():
+        if "seeds" in m:  # a control group: each seed's own score on the paired rows, for the range
+            m["seed_scores"] = [results[label]["score"] for label in m["seeds"]]
     return results
+
+
+def pool_strata(per_stratum: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Several evaluations (e.g. one per environment) -> one result per label, each evaluation a stratum.
+
+    The score is the mean over strata (units resampled within each), the kept fraction the mean of the
+    strata's, and `per_task` the strata's own scores, so every domain returns one table of the same shape.
+    """
+    labels = [label for label in next(iter(per_stratum.values())) if all(label in r for r in per_stratum.values())]
+    results: dict[str, dict[str, Any]] = {}
+    units: dict[str, list] = {}
+    for label in labels:
+        parts = {name: r[label] for name, r in per_stratum.items()}
+        if "seed_scores" in next(iter(parts.values())):
+            continue  # a pooled control row: attach_stats pools the seeds again, over every stratum
+        kept = [m.get("kept_fraction") for m in parts.values()]
+        results[label] = {
+            "policy": label, "per_task": {name: m.get("score") for name, m in parts.items()},
+            "kept_fraction": None if None in kept else sum(kept) / len(kept),
+        }
+        if all(m.get("units") for m in parts.values()):
+            units[label] = [(name, *u[1:]) for name, m in parts.items() for u in m["units"]]
+    return attach_stats(results, units)
 
 
 def add_reference_row(results: dict[str, dict[str, Any]], label: str, metrics: dict[str, Any],

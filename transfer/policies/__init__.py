@@ -12,12 +12,12 @@ from transfer.policies.base import MemoryPolicy
 from transfer.policies.full import FullCache
 from transfer.policies.h2o import H2O
 from transfer.policies.l2 import L2Norm
-from transfer.policies.namm import NAMMPolicy, NAMMRandom
+from transfer.policies.namm import NAMMPolicy, NAMMRandom, NAMMSink
 from transfer.policies.random import RandomEviction
 from transfer.policies.recency import Recency
 from transfer.policies.streaming import StreamingLLM
 
-_CLASSES = (FullCache, Recency, StreamingLLM, H2O, L2Norm, RandomEviction, NAMMPolicy, NAMMRandom)
+_CLASSES = (FullCache, Recency, StreamingLLM, H2O, L2Norm, RandomEviction, NAMMPolicy, NAMMSink, NAMMRandom)
 POLICIES: dict[str, type] = {cls.name: cls for cls in _CLASSES}
 
 

@@ -19,7 +19,7 @@ import torch
 
 from transfer.checkpoint import load_namm
 from transfer.namm import NAMMBuffers, NAMMConfig, NAMMParams, NormStats, namm_score, newest_index, select_keep
-from transfer.policies.base import Keep, LayerView, ScoredPolicy, Selection, keep_top_rows
+from transfer.policies.base import Keep, LayerView, ScoredPolicy, Selection, keep_top_rows, protected_mask
 
 
 @dataclass
@@ -96,6 +96,22 @@ class NAMMPolicy(ScoredPolicy):
         if valid is not None:
             return Selection(index, valid)
         return None if index.shape[-1] == scores.shape[-1] else index
+
+
+@dataclass
+class NAMMSink(NAMMPolicy):
+    """The evolved NAMM that also keeps the first `n_sink` tokens (attention sinks, as StreamingLLM does).
+
+    The reference rule has no sink protection; this variant shows where that matters (the sink study).
+    """
+
+    name: ClassVar[str] = "namm-sink"
+    description: ClassVar[str] = "the frozen NAMM (reference rule) that never evicts the first 4 tokens (sinks)"
+    n_sink: int = 4
+
+    def score(self, view: LayerView, state: NAMMBuffers | None) -> tuple[torch.Tensor, NAMMBuffers]:
+        scores, buffers = super().score(view, state)
+        return scores.masked_fill(protected_mask(view, recent=0, sink=self.n_sink), float("inf")), buffers
 
 
 @dataclass
