@@ -26,16 +26,15 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from adapters.base import Adapter
-from envs.mujoco import get_spec
 from transfer.memory import KVMemory
 
 DEFAULT_SCALE = 1000.0  # returns-to-go are divided by this (DT paper, edbeeching checkpoints)
@@ -195,8 +194,9 @@ def load_dt(id_or_path: str | os.PathLike, env_name: str | None = None, device: 
 
     Statistics: `state_mean`/`state_std` arguments, else as `resolve_state_stats`; the source is kept in
     `config.state_stats_source`. Missing fields get the edbeeching defaults (return_scale 1000, context =
-    config.max_length or 20, target = the DT paper's); `env_name` (or config.env_name, or the public name)
-    is checked against the state/action sizes.
+    config.max_length or 20); `config.env_name` is `env_name`, else the config's, else the public name's.
+    Which environment fits the model (sizes, default target return) is the RL domain's check,
+    `envs.mujoco.check_model`; rollouts check the env objects they are given.
     """
     from transformers import DecisionTransformerConfig, DecisionTransformerModel
 
@@ -225,15 +225,7 @@ def load_dt(id_or_path: str | os.PathLike, env_name: str | None = None, device: 
         raise ValueError(f"{id_or_path}: state statistics ({source}) must be finite with std > 0")
     cfg.state_mean, cfg.state_std, cfg.state_stats_source = mean, std, source
     public = public_checkpoint_name(id_or_path)
-    name = env_name or getattr(cfg, "env_name", None) or (public.split("-")[0] if public else None)
-    if name is not None:
-        spec = get_spec(name)
-        if cfg.state_dim != spec.obs_dim or cfg.act_dim != spec.act_dim:
-            raise ValueError(f"{id_or_path}: model state/action size {cfg.state_dim}/{cfg.act_dim} does not match "
-                             f"{spec.name} ({spec.obs_dim}/{spec.act_dim})")
-        cfg.env_name = spec.name
-        if getattr(cfg, "target_return", None) is None:
-            cfg.target_return = spec.target_return
+    cfg.env_name = env_name or getattr(cfg, "env_name", None) or (public.split("-")[0] if public else None)
     if getattr(cfg, "return_scale", None) is None:
         cfg.return_scale = DEFAULT_SCALE
     if getattr(cfg, "context_length", None) is None:
@@ -251,6 +243,15 @@ def rollout_model(model):
     if next(model.parameters()).dtype == ROLLOUT_DTYPE:
         return model.eval()
     return copy.deepcopy(model).to(ROLLOUT_DTYPE).eval()
+
+
+def check_spaces(config: Any, envs: list[Any]) -> None:
+    """One clear error when an env's observation or action size is not the model's."""
+    for env in envs:
+        obs, act = tuple(env.observation_space.shape), tuple(env.action_space.shape)
+        if obs != (config.state_dim,) or act != (config.act_dim,):
+            raise ValueError(f"env observation/action size {obs}/{act} does not match the model's "
+                             f"state_dim={config.state_dim}/act_dim={config.act_dim}")
 
 
 def env_action(action: torch.Tensor) -> torch.Tensor:
@@ -294,21 +295,15 @@ def rollout_sliding_window(model, env, target_return: float | None = None, conte
                            max_steps: int | None = None) -> list[float]:
     """Episode returns with the HF-example evaluator: every env step re-runs the last K steps, no cache.
 
-    `env` is a gymnasium env or an env name; states are normalised with the config's mean/std,
+    `env` is a gymnasium env; states are normalised with the config's mean/std,
     rtg starts at target_return/scale and drops by r/scale each step, the current action is zero,
     and the window is left-padded with attention_mask 0. `max_steps` shortens episodes (default 1000).
     Runs in float64 with float32 actions (module docstring).
     """
-    if isinstance(env, str):
-        from envs.mujoco import make_env
-
-        env = make_env(env, getattr(model.config, "env_version", "v5"))
     model = rollout_model(model).to(device)
     cfg = model.config
     obs_dim, act_dim = cfg.state_dim, cfg.act_dim
-    if env.observation_space.shape != (obs_dim,):
-        raise ValueError(f"env observation shape {env.observation_space.shape} does not match the model's "
-                         f"state_dim={obs_dim}")
+    check_spaces(cfg, [env])
     mean, std, scale = model_stats(model)
     context = int(context or getattr(cfg, "context_length", None) or getattr(cfg, "max_length", 20))
     target = float(target_return if target_return is not None else cfg.target_return)
@@ -421,14 +416,11 @@ class DecisionTransformerAdapter(Adapter):
         horizon = int(max_steps or cfg.max_ep_len)
         memory = self.last_memory = self.new_memory(policy_factory(), update_interval=update_interval, record=record)
         n = len(envs)
+        check_spaces(cfg, envs)
         seeds = [seed + i for i in range(n)] if isinstance(seed, int) else [int(x) for x in seed]
         if len(seeds) != n:
             raise ValueError(f"{len(seeds)} seeds for {n} environments")
         obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)])
-        if obs.shape[1] != cfg.state_dim:
-            raise ValueError(
-                f"env observation size {obs.shape[1]} does not match the model's state_dim={cfg.state_dim}"
-            )
         rtg = np.full(n, initial_rtg(target_return, scale))  # float64, one per episode
         returns = np.zeros(n)
         lengths = np.zeros(n, dtype=np.int64)

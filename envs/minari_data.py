@@ -84,12 +84,13 @@ def load_minari(dataset: str | os.PathLike, root: str | os.PathLike | None = Non
         raise ValueError(f"Minari dataset {label} has no episodes")
     if name is not None:
         spec = get_spec(name)
-        if episodes[0].observations.shape[1] != spec.obs_dim or episodes[0].actions.shape[1] != spec.act_dim:
-            raise ValueError(f"Minari dataset {label}: observation/action size {episodes[0].observations.shape[1]}/"
-                             f"{episodes[0].actions.shape[1]} does not match {spec.name} ({spec.obs_dim}/{spec.act_dim})")
+        obs_dim, act_dim = episodes[0].observations.shape[1], episodes[0].actions.shape[1]
+        if (obs_dim, act_dim) != (spec.obs_dim, spec.act_dim):
+            raise ValueError(f"Minari dataset {label}: observation/action size {obs_dim}/{act_dim} does not match "
+                             f"{spec.name} ({spec.obs_dim}/{spec.act_dim})")
         name = spec.name
-    metadata = {"dataset_id": meta.get("dataset_id", str(dataset)), "env_id": env_id if isinstance(env_id, str) else None,
-                "source": "minari"}
+    metadata = {"dataset_id": meta.get("dataset_id", str(dataset)),
+                "env_id": env_id if isinstance(env_id, str) else None, "source": "minari"}
     if name is not None:
         metadata["env_name"] = name
     for key, alias in (("ref_min_score", "random_return"), ("ref_max_score", "expert_return")):

@@ -43,6 +43,22 @@ def get_spec(name: str) -> EnvSpec:
     return ENV_SPECS[key]
 
 
+def check_model(config, env_name: str | None = None) -> EnvSpec:
+    """The environment a Decision Transformer config runs in (`env_name`, else `config.env_name`), with its
+    state/action sizes checked; sets `config.env_name` and, if missing, the DT paper's target return."""
+    name = env_name or getattr(config, "env_name", None)
+    if name is None:
+        raise ValueError("the model does not name its environment; pass the environment (--env)")
+    spec = get_spec(name)
+    if (config.state_dim, config.act_dim) != (spec.obs_dim, spec.act_dim):
+        raise ValueError(f"model state/action size {config.state_dim}/{config.act_dim} does not match "
+                         f"{spec.name} ({spec.obs_dim}/{spec.act_dim})")
+    config.env_name = spec.name
+    if getattr(config, "target_return", None) is None:
+        config.target_return = spec.target_return
+    return spec
+
+
 def check_version(version: str) -> str:
     if version not in VERSIONS:
         raise ValueError(f"unknown environment version {version!r}; valid versions: {', '.join(VERSIONS)}")

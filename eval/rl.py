@@ -22,7 +22,7 @@ from adapters.decision_transformer import (
     stats_digest,
 )
 from envs.d4rl import d4rl_normalized_score
-from envs.mujoco import get_spec, make_env
+from envs.mujoco import check_model, get_spec, make_env
 from transfer.rundir import RunDir, slug
 from transfer.runner import (
     RunOptions,
@@ -94,6 +94,7 @@ def evaluate_env(env: str, args: argparse.Namespace) -> dict[str, dict[str, Any]
     stats_file = args.state_stats.format(env=env) if getattr(args, "state_stats", None) else None
     adapter = DecisionTransformerAdapter.from_pretrained(model_path, device=options.resolved_device(), env_name=env,
                                                          state_stats=stats_file)
+    check_model(adapter.model.config, env)  # sizes; the DT paper's target if the config has none
     cfg = adapter.model.config
     target = args.target_return if args.target_return is not None else float(cfg.target_return)
     episodes = [Episode(env, i) for i in range(args.episodes)]

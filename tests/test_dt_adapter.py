@@ -13,7 +13,7 @@ pytest.importorskip("gymnasium")
 
 from adapters import decision_transformer as D  # noqa: E402
 from adapters.decision_transformer import DecisionTransformerAdapter, load_dt, rollout_sliding_window  # noqa: E402
-from envs.mujoco import make_env  # noqa: E402
+from envs.mujoco import check_model, make_env  # noqa: E402
 from transfer.policies import make_policy  # noqa: E402
 
 
@@ -64,10 +64,12 @@ def test_load_dt_our_format_and_errors(tmp_path):
     loaded = load_dt(tmp_path / "ours", env_name="hopper")
     # transformers 5 drops `max_length` from configs, so edbeeching-style folders get their K=20 default
     assert loaded.config.return_scale == 1000.0 and loaded.config.context_length == 20
-    assert loaded.config.target_return == 3600.0 and not loaded.training
+    assert loaded.config.env_name == "hopper" and not loaded.training
     assert loaded.config.state_std == m.config.state_std and loaded.config.state_stats_source == "config"
+    # the RL domain's check: sizes against the environment, the DT paper's target when the config has none
+    assert check_model(loaded.config).name == "hopper" and loaded.config.target_return == 3600.0
     with pytest.raises(ValueError, match="does not match walker2d"):
-        load_dt(tmp_path / "ours", env_name="walker2d")
+        check_model(load_dt(tmp_path / "ours").config, "walker2d")
     with pytest.raises(FileNotFoundError):
         load_dt(tmp_path / "nothing-here")
     ok = load_dt(tmp_path / "ours", state_mean=np.zeros(11), state_std=np.ones(11))
@@ -121,6 +123,7 @@ def test_public_checkpoint_statistics_three_ways(tmp_path, layout, where):
     assert model.config.state_mean == card_mean and model.config.state_std == card_std
     assert model.config.state_stats_source == "model card hopper-medium"
     assert model.config.env_name == "hopper" and model.config.context_length == 20
+    assert check_model(model.config).target_return == 3600.0 and model.config.target_return == 3600.0
     for name, p in ref.state_dict().items():  # the weights really were read from this layout
         assert torch.equal(model.state_dict()[name], p), name
 
@@ -279,5 +282,5 @@ def test_episode_seed_does_not_depend_on_its_batch():
 
 def test_wrong_observation_size_is_one_clear_error():
     adapter = DecisionTransformerAdapter(tiny_dt())
-    with pytest.raises(ValueError, match="state_dim"):
+    with pytest.raises(ValueError, match=r"\(17,\)/\(6,\) does not match the model.s state_dim=11/act_dim=3"):
         adapter.rollout([make_env("halfcheetah")], lambda: make_policy("full"), 3600.0, 32, max_steps=2)

@@ -35,7 +35,7 @@ import torch
 from adapters.decision_transformer import DEFAULT_SCALE, load_dt, normalize_state, rollout_sliding_window
 from envs.d4rl import Dataset, d4rl_normalized_score, normalized_score
 from envs.minari_data import load_dataset
-from envs.mujoco import get_spec
+from envs.mujoco import check_model, get_spec
 
 
 @dataclass
@@ -375,6 +375,7 @@ def evaluate_dir(path: str | os.PathLike, episodes: int, max_steps: int, seed: i
     """Evaluate a saved run on CPU and record the result in its summary.json (atomically)."""
     path = Path(path)
     model = load_dt(path)
+    check_model(model.config)
     summary_path = path / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     if not (path / "loss.png").exists() and (path / "loss.csv").exists():
