@@ -407,14 +407,14 @@ class DecisionTransformerAdapter(Adapter):
 
         The model runs in float64 (cast once, in place) and the envs get float32 actions, so an episode's
         return does not depend on its batch-mates or the thread count. The memory (with its eviction
-        history if `record`) is in the result; `self.last_memory` still points to it for older callers.
+        history if `record`) is in the result.
         """
         if next(self.model.parameters()).dtype != ROLLOUT_DTYPE:
             self.model.to(ROLLOUT_DTYPE)
         cfg = self.model.config
         mean, std, scale = model_stats(self.model)
         horizon = int(max_steps or cfg.max_ep_len)
-        memory = self.last_memory = self.new_memory(policy_factory(), update_interval=update_interval, record=record)
+        memory = self.new_memory(policy_factory(), update_interval=update_interval, record=record)
         n = len(envs)
         check_spaces(cfg, envs)
         seeds = [seed + i for i in range(n)] if isinstance(seed, int) else [int(x) for x in seed]
