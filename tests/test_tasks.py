@@ -131,7 +131,7 @@ def test_longbench_loader(tmp_path):
              "all_classes": None, "_id": "a2"}]
     _write_jsonl(tmp_path / "data" / "hotpotqa.jsonl", rows)
     exs = longbench.load_longbench(tmp_path, "hotpotqa")
-    assert [e.id for e in exs] == ["a1", "a2"]
+    assert [e.id for e in exs] == ["longbench/hotpotqa/a1", "longbench/hotpotqa/a2"]
     assert exs[0].max_new_tokens == 32 and exs[0].length == 3
     assert exs[0].prompt.startswith("Answer the question based on the given passages.")
     assert "Alice met Bob." in exs[0].prompt and exs[0].prompt.endswith("Question: Who?\nAnswer:")
@@ -144,7 +144,7 @@ def test_longbench_loader(tmp_path):
 def test_longbench_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="qasper.jsonl"):
         longbench.load_longbench(tmp_path, "qasper")
-    with pytest.raises(ValueError, match="unknown LongBench task"):
+    with pytest.raises(ValueError, match="unknown longbench task"):
         longbench.load_longbench(tmp_path, "nope")
     _write_jsonl(tmp_path / "qasper.jsonl", [{"input": "q", "answers": ["a"]}])
     with pytest.raises(ValueError, match="missing field"):
@@ -157,14 +157,18 @@ def test_longbench_errors(tmp_path):
 def test_infinitebench_and_choubun_loaders(tmp_path):
     _write_jsonl(tmp_path / "kv_retrieval.jsonl", [{"context": "k1: v1", "input": "k1?", "answer": "v1"}])
     ex = longbench.load_infinitebench(tmp_path, "kv_retrieval")[0]
-    assert ex.prompt == "k1: v1\n\nk1?" and ex.answers == ["v1"]
+    assert ex.prompt == ("Extract the value corresponding to the specified key in the JSON object below.\n\n"
+                         "k1: v1\n\nk1?") and ex.answers == ["v1"]
     assert longbench.score_example(ex, "v1") == 1.0
     _write_jsonl(tmp_path / "corp_sec_sum.jsonl", [{"context": "c", "question": "q", "answers": ["a b c"]}])
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "dataset2prompt.json").write_text('{"corp_sec_sum": "{context} {question}"}')
+    (tmp_path / "config" / "dataset2maxlen.json").write_text('{"corp_sec_sum": 128}')
     ex = longbench.load_choubun(tmp_path, "corp_sec_sum")[0]
     assert longbench.score_example(ex, "a b c") == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="unknown ChouBun task"):
+    with pytest.raises(ValueError, match="unknown choubun task"):
         longbench.load_choubun(tmp_path, "x")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="no prompt"):  # the folder's config/ lacks wiki_qa
         longbench.load_choubun(tmp_path, "wiki_qa")
 
 
