@@ -24,18 +24,18 @@ from adapters.decision_transformer import (
 )
 from envs.d4rl import d4rl_normalized_score
 from envs.mujoco import check_model, get_spec, make_env
+from eval.options import DEFAULT_ENVS  # noqa: F401  (the options, defaults included, import no torch)
+from eval.options import add_rl_arguments as add_arguments  # noqa: F401  (reproduce and the CLI use it)
 from transfer.rundir import RunDir, slug
 from transfer.runner import (
     RunOptions,
     add_reference_row,
-    add_run_arguments,
     evaluate_policies,
     pool_strata,
     run_key,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_ENVS = "hopper,halfcheetah,walker2d"
 
 
 def default_model(env: str) -> Path:
@@ -58,23 +58,6 @@ def summarize(env: str):
         }
 
     return fn
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--env", default=DEFAULT_ENVS, help=f"comma-separated environments ({DEFAULT_ENVS})")
-    p.add_argument("--model", default=None,
-                   help="DT id or path, '{env}' is replaced by the environment name (e.g. "
-                        "edbeeching/decision-transformer-gym-{env}-medium); default: the shipped artifacts/rl/dt-<env>")
-    p.add_argument("--state-stats", default=None,
-                   help="JSON with state_mean/state_std ('{env}' replaced); default: state_stats.json beside the "
-                        "weights, the model config, or the public model card's values")
-    p.add_argument("--episodes", "--limit", dest="episodes", type=int, default=5, help="episodes per environment")
-    p.add_argument("--target-return", type=float, default=None, help="default: the model config's (DT paper's)")
-    p.add_argument("--max-steps", type=int, default=1000, help="episode length cap (1000 = standard)")
-    p.add_argument("--version", default="v5", help="gymnasium MuJoCo version (v5 or v4)")
-    p.add_argument("--no-window", action="store_true", help="skip the sliding-window (no cache) reference row")
-    p.add_argument("--seed", type=int, default=0)
-    add_run_arguments(p, batch_size=16, out="runs/rl")
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
+from eval.options import BENCHMARKS
+from eval.options import add_video_arguments as add_arguments  # noqa: F401  (reproduce and the CLI use it)
 from tasks.video_bench import (
     LVB_MAX_NEW_TOKENS,
-    LVB_SPLITS,
     LVB_SUBMISSION_FILE,
     MLVU_DEV_TASKS,
     MLVU_MAX_NEW_TOKENS,
@@ -46,15 +47,13 @@ from tasks.video_bench import (
     parse_mlvu_tasks,
     parse_predictions,
 )
-from tasks.video_io import FRAME_SAMPLINGS
 from transfer.rundir import slug
-from transfer.runner import RunOptions, add_run_arguments, evaluate_policies
+from transfer.runner import RunOptions, evaluate_policies
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH_DIR = ROOT / "artifacts" / "video" / "synth-lvb"
 SYNTH_REGEN_DIR = ROOT / "runs" / "video" / "synth-lvb"
 SYNTH_SEED, SYNTH_VIDEOS = 1234, 48
-BENCHMARKS = ("synthetic", "longvideobench", "mlvu")
 
 
 @dataclass
@@ -200,38 +199,6 @@ def question_units(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, floa
     MLVU's M-Avg averages tasks, so its questions are resampled within their task."""
     return [(str(q.get("task", "")), str(row["id"]), str(q["id"]), float(q["correct"]))
             for row in rows for q in row.get("questions", []) if q.get("correct") is not None]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--benchmark", default="synthetic", choices=BENCHMARKS)
-    p.add_argument("--split", default="val", choices=tuple(LVB_SPLITS),
-                   help="LongVideoBench split: val (lvb_val.json, scored) or test (lvb_test_wo_gt.json: no "
-                        "answers, writes longvideobench_test_for_submission.json per policy, no score)")
-    p.add_argument("--subtitles", action="store_true",
-                   help="LongVideoBench: put the subtitle lines between the frames as the official loader does "
-                        "(<data>/subtitles/<subtitle_path>, shifted by starting_timestamp_for_subtitles)")
-    p.add_argument("--tasks", default=None,
-                   help=f"MLVU: comma-separated dev tasks to run (default all: {','.join(MLVU_DEV_TASKS)}); "
-                        "the M-Avg is over the tasks run")
-    p.add_argument("--frame-sampling", default="lmms-eval", choices=FRAME_SAMPLINGS,
-                   help="lmms-eval (default): --frames indices uniform over the container's frames (llava_hf); "
-                        "lvb-official: the LongVideoBench loader's rule, int(int(duration*fps)/n)*i with "
-                        "n = min(--frames, int(duration)), at most one frame a second")
-    p.add_argument("--data", default=None,
-                   help="benchmark folder (LongVideoBench: lvb_val.json + videos/; MLVU: json/ + video/); "
-                        "default for synthetic: the shipped set artifacts/video/synth-lvb")
-    p.add_argument("--model", default=None,
-                   help="LLaVA-NeXT-Video id or path; default: the shipped tiny model in artifacts/video/")
-    p.add_argument("--frames", type=int, default=32,
-                   help="frames per video (with --frame-sampling lvb-official: at most this many)")
-    p.add_argument("--chunk-size", type=int, default=512, help="max tokens per forward")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the benchmark's (LVB 32, MLVU 16)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N videos")
-    p.add_argument("--backend", default="pyav", choices=("pyav", "decord", "auto"), help="video decoder")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random fallback letter for unparsable replies")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
-    add_run_arguments(p, batch_size=1, out="runs/video")
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

@@ -17,7 +17,6 @@ return-to-go, the sliding-window evaluator) is `adapters/decision_transformer.py
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -36,6 +35,7 @@ from adapters.decision_transformer import DEFAULT_SCALE, load_dt, normalize_stat
 from envs.d4rl import Dataset, d4rl_normalized_score, normalized_score
 from envs.minari_data import load_dataset
 from envs.mujoco import check_model, get_spec
+from transfer.options import Parser
 
 
 @dataclass
@@ -354,7 +354,7 @@ def save_run(model, rows: list[dict], summary: dict, out: Path, partial: Path | 
 
 def parse_args(argv: list[str] | None = None) -> DTConfig:
     d = DTConfig()
-    p = argparse.ArgumentParser(prog="namm-transfer train dt", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="namm-transfer train dt", description=__doc__.split("\n\n")[0])  # one-line errors
     p.add_argument("--data", required=True,
                    help="D4RL-format hdf5, a Minari dataset folder, or a local Minari dataset id (no download)")
     p.add_argument("--env", default="", help="hopper | halfcheetah | walker2d (default: the dataset's)")
@@ -437,8 +437,8 @@ def write_provenance(path: Path, summary: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] == "eval":  # python -m train.dt eval DIR [--episodes N] [--max-steps T] [--seed S]
-        p = argparse.ArgumentParser(prog="namm-transfer train dt eval",
-                                    description="evaluate a trained DT folder with rollout_sliding_window")
+        p = Parser(prog="namm-transfer train dt eval",
+                   description="evaluate a trained DT folder with rollout_sliding_window")
         p.add_argument("dir")
         p.add_argument("--episodes", type=int, default=5)
         p.add_argument("--max-steps", type=int, default=1000)

@@ -35,6 +35,7 @@ from tasks.language import DEFAULT_LM, answer_batch, load_lm, make_examples
 from transfer.atomic import write_atomic, write_json_atomic
 from transfer.checkpoint import save_namm
 from transfer.namm import NAMMConfig, NormStats, param_size
+from transfer.options import positive_float, positive_int
 from transfer.policies.full import FullCache
 from transfer.policies.namm import NAMMPolicy
 from transfer.rundir import DirLock, config_diff, model_id
@@ -291,16 +292,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cpu-small: a few generations on the CPU in minutes; gpu: the shipped NAMM's recipe")
     p.add_argument("--model", default=str(DEFAULT_LM), help="HF causal LM id or path")
     p.add_argument("--stages", nargs="+", help="tasks per stage, e.g. mqar mqar,niah_multikey (overrides preset)")
-    p.add_argument("--generations", nargs="+", type=int, help="generations per stage (overrides preset)")
-    p.add_argument("--popsize", type=int)
-    p.add_argument("--prompts", type=int, help="prompts per task per generation")
-    p.add_argument("--length", type=int, help="prompt length in tokens")
-    p.add_argument("--update-interval", type=int)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--generations", nargs="+", type=positive_int, help="generations per stage (overrides preset)")
+    p.add_argument("--popsize", type=positive_int, help="CMA-ES population size (overrides preset)")
+    p.add_argument("--prompts", type=positive_int, help="prompts per task per generation")
+    p.add_argument("--length", type=positive_int, help="prompt length in tokens")
+    p.add_argument("--update-interval", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="runs/evolve", help="output directory; rerun the same command to resume")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this wall time")
+    p.add_argument("--max-minutes", type=positive_float, default=None, help="stop (checkpointed) after this wall time")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in --out (a rerun with other options is refused without it)")
 

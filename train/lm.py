@@ -40,10 +40,11 @@ from tasks.synthetic import (
     make_training_sequence,
     score,
 )
+from transfer.options import Parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(prog="namm-transfer train lm", description=__doc__.split("\n")[0])  # one-line errors
     p.add_argument("--out", required=True, help="directory for the final model + tokenizer + logs")
     p.add_argument("--ckpt-dir", default=None, help="checkpoint directory (default OUT/ckpt)")
     p.add_argument("--resume", action="store_true", help="continue from --ckpt-dir if it holds a checkpoint")
@@ -66,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # optimisation
     p.add_argument("--steps", type=int, default=20000, help="schedule length in steps")
     p.add_argument("--train-minutes", type=float, default=0.0, help="schedule length in minutes (0: steps)")
-    p.add_argument("--stop-minutes", type=float, default=0.0, help="stop this invocation after N minutes")
+    p.add_argument("--max-minutes", "--stop-minutes", dest="stop_minutes", type=float, default=0.0,
+                   help="stop this invocation after N minutes (0: no limit)")
     p.add_argument("--batch-tokens", type=int, default=65536,
                    help="tokens per step per process (batch = this // length)")
     p.add_argument("--lr", type=float, default=1e-3)

@@ -42,6 +42,7 @@ from adapters.llava_next_video import (
 )
 from tasks.synth_video import COLORS, COUNT_OPTIONS, QUESTIONS, SIZE, make_questions, render, sample_spec
 from tasks.video_bench import LETTERS, LVB_POST_PROMPT, MLVU_POST_PROMPT, lvb_prompt
+from transfer.options import Parser
 
 TOKENS_PER_FRAME = (SIZE // PATCH) ** 2 // 4  # 2x2 average pooling of the patch grid
 
@@ -285,10 +286,12 @@ def stage_at(stages: list, step: int) -> tuple[tuple[int, ...], list[int]]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train the tiny LLaVA-NeXT-Video model on synthetic video QA.")
+    p = Parser(prog="namm-transfer train video",
+               description="Train the tiny LLaVA-NeXT-Video model on synthetic video QA.")
     p.add_argument("--out", required=True, help="output dir: model + processor + metrics + PROVENANCE.md")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps; 0 = fit into --time-budget")
-    p.add_argument("--time-budget", type=float, default=0.0, help="seconds of training (0 = no limit)")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps; 0 = fit into --max-minutes")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="minutes of training (0 = no limit)")
+    p.add_argument("--time-budget", type=float, default=None, help=argparse.SUPPRESS)  # the old name, in seconds
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--frames", default="32,64", help="frame counts drawn per batch, comma separated")
     p.add_argument("--stages", default="", help="curriculum qtypes/frames/steps;... (overrides --steps/--frames)")
@@ -307,7 +310,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=500, help="checkpoint for --resume every N steps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     p.add_argument("--init", default="", help="start from the weights of a model dir saved by this script")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.time_budget is None:  # one name for every time cap: --max-minutes
+        args.time_budget = 60 * args.max_minutes
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

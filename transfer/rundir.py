@@ -4,6 +4,7 @@
     status.json        {"state": "running" | "finished" | "error", "error": ..., "info": {...}, writer pid/host}
     predictions.jsonl  one row per finished example, appended as they finish (a torn last line is dropped)
     metrics.json       the summary; the run is "finished" only with a finite score over n_examples > 0
+    log.txt            its progress lines (start, resume, finish, failure), from its first result on
     .lock              held by the one process writing the run (a second writer is refused)
 
 A finished run with the same key is reused as is; a killed run resumes (finished examples are read back
@@ -38,7 +39,8 @@ STATUS_FILE = "status.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 METRICS_FILE = "metrics.json"
 LOCK_FILE = ".lock"
-RUN_FILES = (CONFIG_FILE, STATUS_FILE, PREDICTIONS_FILE, METRICS_FILE)
+LOG_FILE = "log.txt"  # progress lines of the run (transfer/log.py), written once it has a result
+RUN_FILES = (CONFIG_FILE, STATUS_FILE, PREDICTIONS_FILE, METRICS_FILE, LOG_FILE)
 # source folders whose code changes results (the CLI and trainers do not)
 CODE_DIRS = ("transfer", "adapters", "tasks", "eval", "envs")
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")

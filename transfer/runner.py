@@ -22,21 +22,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from transfer.policies import POLICIES, make_policy
+from transfer.log import LOG_FILE, track
+from transfer.options import (  # noqa: F401  (add_run_arguments is re-exported: domains import it from here)
+    DEFAULT_CONTROLS,
+    DEFAULT_PROTECT_RECENT,
+    DEFAULT_PROTECT_SINK,
+    DEFAULT_UPDATE_INTERVAL,
+    add_run_arguments,
+)
 from transfer.rundir import RunDir, code_fingerprint, model_id, slug
 from transfer.stats import PairedBootstrap, units_of
 
-# One memory-update interval for every domain: the shipped NAMM was evolved, and its normalisation
-# statistics collected, with an update every 256 tokens (artifacts/namm/namm-shipped/PROVENANCE.md).
-# `reproduce --interval-sweep` shows what other intervals do in each domain.
-DEFAULT_UPDATE_INTERVAL = 256
-# One protected set for every policy of a table: the newest 32 tokens (the question or instruction of a
-# prompt, the current steps of an episode) and no sink tokens; both are printed in every table header.
-DEFAULT_PROTECT_RECENT = 32
-DEFAULT_PROTECT_SINK = 0
-DEFAULT_CONTROLS = 5  # random-parameter NAMMs (seeds 0..4) per `namm-random` in --policies
 REFERENCE = "full"
 
 
@@ -90,6 +86,8 @@ def parse_policies(names: str, budgets: str | None = None, controls: int = DEFAU
     """
     if controls < 1:
         raise ValueError(f"--controls must be at least 1, got {controls}")
+    from transfer.policies import POLICIES  # here: the policies import torch, `--help` must not
+
     budget_list = [parse_budget(b) for b in (budgets or "match").split(",")]
     specs = []
     for item in names.split(","):
@@ -108,30 +106,6 @@ def parse_policies(names: str, budgets: str | None = None, controls: int = DEFAU
 
 
 # ------------------------------------------------------------------------------------------ options
-def add_run_arguments(p: argparse.ArgumentParser, batch_size: int = 8, out: str = "runs") -> None:
-    """The policy and run options every domain shares (one vocabulary across `eval lm|rl|video`)."""
-    p.add_argument("--policies", "--policy", default="full,h2o,l2,namm,namm-random",
-                   help=f"comma-separated policies ({', '.join(POLICIES)}); name@budget sets one budget")
-    p.add_argument("--budget", default="match",
-                   help="budgets of budgeted policies: 'match' (the NAMM's measured kept fraction, per batch), "
-                        "kept fractions in (0, 1] and token counts like 512t, e.g. match,0.25,0.5")
-    p.add_argument("--controls", type=int, default=DEFAULT_CONTROLS,
-                   help="random-parameter NAMMs (seeds 0..N-1) that `namm-random` expands to")
-    p.add_argument("--protect-recent", type=int, default=DEFAULT_PROTECT_RECENT,
-                   help="newest tokens no policy may evict (the question/instruction region)")
-    p.add_argument("--protect-sink", type=int, default=DEFAULT_PROTECT_SINK,
-                   help="first tokens no policy may evict (attention sinks)")
-    p.add_argument("--namm", default=None, help="NAMM checkpoint (our dir or reference .pt; default: shipped)")
-    p.add_argument("--namm-precision", choices=["fp32", "fast"], default="fp32",
-                   help="fp32: the reference's precision; fast: the NAMM's BAM attention in fp16 on CUDA")
-    p.add_argument("--update-interval", type=int, default=DEFAULT_UPDATE_INTERVAL,
-                   help="tokens between memory updates (multiple of 16; the shipped NAMM's)")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="examples per forward")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    p.add_argument("--out", default=out, help="run directory root (finished runs are reused)")
-    p.add_argument("--overwrite", action="store_true", help="redo runs that exist instead of reusing them")
-
-
 @dataclass(frozen=True)
 class RunOptions:
     """The shared options as one object: what `evaluate_policies` needs besides the domain's callbacks."""
@@ -190,12 +164,15 @@ def run_examples(
     evaluate_batch: Callable[[list[Any]], list[dict[str, Any]]],
     batch_size: int = 1,
     description: str = "",
+    step: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate the examples not yet in run's predictions, batch by batch; returns all rows in order.
 
-    Each example needs an `id`; `evaluate_batch` returns one row (with that id) per example. Under
-    `accelerate launch` the unfinished examples are split between the processes, the rows gathered,
-    and only the main process writes.
+    Each example needs an `id`; `evaluate_batch` returns one row (with that id) per example. Progress
+    (transfer/log.py): bars on a terminal, plain lines with elapsed time and ETA otherwise, and the
+    run's own `log.txt`; `step=(i, n)` says this is run i of n (the overall progress and its ETA).
+    Under `accelerate launch` the unfinished examples are split between the processes, the rows
+    gathered, and only the main process writes.
     """
     state = process_state()
     done = {row["id"]: row for row in run.completed()}
@@ -212,14 +189,15 @@ def run_examples(
             done[row["id"]] = row
         state.wait_for_everyone()
         return [done[ex.id] for ex in examples]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=True) as progress:
-        bar = progress.add_task(description or run.path.name, total=len(examples), completed=len(examples) - len(todo))
+    if not todo:
+        return [done[ex.id] for ex in examples]
+    log_file = run.path / LOG_FILE if run.writer else None
+    with track(description or run.path.name, len(examples), len(examples) - len(todo), step, log_file) as progress:
         for start in range(0, len(todo), batch_size):
             for row in evaluate_batch(list(todo[start : start + batch_size])):
                 run.add_prediction(row)
                 done[row["id"]] = row
-            progress.advance(bar, min(batch_size, len(todo) - start))
+            progress.advance(min(batch_size, len(todo) - start), computed=min(start + batch_size, len(todo)))
     return [done[ex.id] for ex in examples]
 
 
@@ -251,6 +229,8 @@ def build_policy(spec: PolicySpec, options: RunOptions, matched: float | None) -
         kwargs["precision"] = options.namm_precision
     if spec.seed is not None:
         kwargs["seed"] = spec.seed
+    from transfer.policies import make_policy
+
     return make_policy(spec.name, budget=budget, namm=options.namm, **kwargs)
 
 
