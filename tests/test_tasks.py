@@ -1,6 +1,7 @@
 """Synthetic tasks, word tokenizer, LongBench loaders and metrics."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +9,10 @@ import pytest
 from tasks import longbench, metrics
 from tasks.synthetic import (
     EOS,
+    EXTRA_WORDS,
+    FILLER_WORDS,
     TASKS,
+    TRAIN_ONLY_TASKS,
     VOCAB,
     WORD_TO_ID,
     build_tokenizer,
@@ -66,9 +70,62 @@ def test_fwe_answer_is_top3_by_count():
         assert top == e.answer.split()
 
 
+def test_count_answer_is_the_key_count():
+    seen = set()
+    for e in make_examples("count", 20, 1024, seed=3):
+        context, question = e.prompt.split(" question : ")
+        key = question.split()[4]  # "how many times does K appear ? answer :"
+        assert question == f"how many times does {key} appear ? answer :"
+        assert str(context.split().count(key)) == e.answer
+        seen.add(e.answer)
+    assert len(seen) >= 4  # counts vary (1-6), so a constant guess cannot pass
+    assert score("count", "3 </s>", "3") == 1.0 and score("count", "4", "3") == 0.0
+
+
+def test_fwe_decoy_top3_overall_but_decoys_dominate_the_tail():
+    for e in make_examples("fwe_decoy", 5, 2048, seed=2):
+        words = e.prompt.split(" question ")[0].split()[2:]
+        vals, counts = np.unique(words, return_counts=True)
+        assert list(vals[np.argsort(-counts, kind="stable")][:3]) == e.answer.split()
+        tail = words[-len(words) // 4:]  # what a 25 % recency cache would keep
+        tv, tc = np.unique(tail, return_counts=True)
+        assert not set(tv[np.argsort(-tc)][:3]) & set(e.answer.split())
+
+
+def test_copy_training_sequence_repeats_a_context_segment():
+    rng = np.random.default_rng(4)
+    for length in (256, 4096):
+        ids, mask = make_training_sequence("copy", length, rng)
+        words = [VOCAB[i] for i in ids]
+        # each answer run follows "repeat : w1" and equals what follows w1's first occurrence in the context
+        starts = [i for i, w in enumerate(words) if w == "repeat"]
+        assert starts and len(starts) == max(1, min(4, length // 1024))
+        for s in starts:
+            first = words[s + 2]
+            run = []
+            j = s + 3
+            while words[j] != EOS:
+                assert mask[j]
+                run.append(words[j])
+                j += 1
+            assert mask[j]  # EOS is a target too
+            ctx = words[1:starts[0]]
+            assert any(ctx[i:i + len(run) + 1] == [first] + run for i in range(len(ctx)))
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        make_examples("copy", 1, 256)  # training only
+
+
+def test_vocab_ids_of_the_first_model_never_move():
+    old = json.loads((Path(__file__).resolve().parents[1] / "artifacts" / "lm" / "tiny-llama-mqar"
+                      / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(VOCAB) == len(old) + len(EXTRA_WORDS)
+    assert all(WORD_TO_ID[w] == i for w, i in old.items())
+    assert not set(EXTRA_WORDS) & set(FILLER_WORDS)
+
+
 def test_training_sequence_masks_answers():
     rng = np.random.default_rng(0)
-    for task in TASKS:
+    for task in [*TASKS, *TRAIN_ONLY_TASKS]:
         ids, mask = make_training_sequence(task, 512, rng)
         assert ids.shape == (513,) and mask.shape == (513,) and ids[0] == WORD_TO_ID["<s>"]
         assert mask.sum() >= 2 and ids[-1] == WORD_TO_ID[EOS] and mask[-1]

@@ -23,12 +23,20 @@ import numpy as np
 HELDOUT_TRAIN_SEED = 7_700_001  # not eval.lm.HELDOUT_SEED (20261127), not evolution's 1337 + 100_003 k + gen
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its normal-approximation 95 % CI (0 for n < 2)."""
+def mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """Mean and its 95 % CI (lo, hi): Wilson for 0/1 scores (sane at 0 and 1), else normal, clipped to [0, 1]."""
     x = np.asarray(values, dtype=float)
-    if len(x) < 2:
-        return float(x.mean()) if len(x) else float("nan"), 0.0
-    return float(x.mean()), float(1.96 * x.std(ddof=1) / math.sqrt(len(x)))
+    n = len(x)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = float(x.mean())
+    if np.isin(x, (0.0, 1.0)).all():
+        z = 1.96
+        centre = (m + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(m * (1 - m) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return m, max(0.0, centre - half), min(1.0, centre + half)
+    half = 1.96 * x.std(ddof=1) / math.sqrt(n) if n > 1 else 0.0
+    return m, max(0.0, m - half), min(1.0, m + half)  # scores live in [0, 1]
 
 
 def run_cells(model: str, tasks: list[str], lengths: list[int], policies: list[str], n: int, seed: int,
@@ -78,20 +86,26 @@ def summarize(rows: list[dict], baseline: str = "full") -> dict:
         cells.setdefault((r["task"], r["length"], r["policy"]), []).append(r)
     out = {}
     for (task, length, pol), rs in sorted(cells.items()):
-        m, ci = mean_ci([r["score"] for r in rs])
-        rec = {"task": task, "length": length, "policy": pol, "n": len(rs), "score": m, "ci95": ci,
+        m, lo, hi = mean_ci([r["score"] for r in rs])
+        rec = {"task": task, "length": length, "policy": pol, "n": len(rs), "score": m, "ci95": [lo, hi],
                "chance": float(np.mean([r["chance"] for r in rs])),
                "kept_fraction": float(np.mean([r["kept_fraction"] for r in rs]))}
         base = {r["id"]: r["score"] for r in cells.get((task, length, baseline), [])}
         if pol != baseline and base:
-            d, dci = mean_ci([base[r["id"]] - r["score"] for r in rs if r["id"] in base])
-            rec.update({"drop_vs_" + baseline: d, "drop_ci95": dci})
+            diffs = np.asarray([base[r["id"]] - r["score"] for r in rs if r["id"] in base])
+            half = 1.96 * diffs.std(ddof=1) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+            rec.update({"drop_vs_" + baseline: float(diffs.mean()), "drop_ci95": [diffs.mean() - half,
+                                                                                   diffs.mean() + half]})
         out[f"{task}@{length}/{pol}"] = rec
     return out
 
 
+def _fmt(v: float, ci: list[float]) -> str:
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def markdown(summary: dict, policies: list[str]) -> str:
-    """Table: one row per task and length, score ± CI per policy, the paired drop, chance."""
+    """Table: one row per task and length, score [95 % CI] per policy, the paired drop [95 % CI], chance."""
     keys = sorted({(v["task"], v["length"]) for v in summary.values()})
     other = [p for p in policies if p != "full"]
     head = "| task | length | n | full | " + " | ".join(f"{p} | drop (full - {p})" for p in other) + " | chance |"
@@ -99,11 +113,11 @@ def markdown(summary: dict, policies: list[str]) -> str:
     for task, length in keys:
         full = summary.get(f"{task}@{length}/full")
         cols = [task, str(length), str(full["n"] if full else ""),
-                f"{full['score']:.3f} ± {full['ci95']:.3f}" if full else ""]
+                _fmt(full["score"], full["ci95"]) if full else ""]
         for p in other:
             v = summary.get(f"{task}@{length}/{p}")
-            cols += [f"{v['score']:.3f} ± {v['ci95']:.3f}" if v else "",
-                     f"{v['drop_vs_full']:+.3f} ± {v['drop_ci95']:.3f}" if v and "drop_vs_full" in v else ""]
+            cols += [_fmt(v["score"], v["ci95"]) if v else "",
+                     _fmt(v["drop_vs_full"], v["drop_ci95"]) if v and "drop_vs_full" in v else ""]
         chance = (full or summary[f"{task}@{length}/{other[0]}"])["chance"]
         lines.append("| " + " | ".join(cols + [f"{chance:.3f}"]) + " |")
     return "\n".join(lines) + "\n"
