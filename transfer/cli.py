@@ -224,8 +224,8 @@ def hub_unreachable(model: str) -> str:
 
 
 def check_inputs(args: argparse.Namespace) -> None:
-    """Checks every command shares, before anything loads: the device and a hub model (`reproduce --config`
-    is checked by eval/reproduce.py, which knows its format)."""
+    """Checks every command shares, before anything loads: the device, a hub model, the NAMM checkpoint
+    (`reproduce --config` is checked by eval/reproduce.py, which knows its format)."""
     device = getattr(args, "device", None)
     rest = getattr(args, "rest", None)
     if rest is not None:  # a trainer: its --device, whichever way it is written
@@ -239,6 +239,11 @@ def check_inputs(args: argparse.Namespace) -> None:
     model = getattr(args, "model", None)
     if isinstance(model, str):
         check_hub_model(model)
+    namm = getattr(args, "namm", None)
+    if isinstance(namm, str):  # loaded (4172 numbers) to refuse a missing, broken or non-finite NAMM up front
+        from transfer.checkpoint import load_namm
+
+        load_namm(namm)
 
 
 # ------------------------------------------------------------------------------------------ errors
