@@ -28,8 +28,9 @@ that within minutes, while two-step templates ("for K is V") stayed at chance in
   words are the densest words of the last 25 % (yet rarer overall): a cache that keeps only recent tokens
   names the decoys.
 - copy (training only, not in `TASKS`): a random word sequence, later "repeat : w1" -> the rest of it; pure
-  induction, which makes the key-matched lookup heads form early (without it mqar/niah_multikey stayed at
-  chance for a whole 7-minute run).
+  induction. The first model, trained without it, never learned key-matched lookup (mqar, niah_multikey)
+  in 7 minutes; with it in the mix, mqar took off within ~1,000 steps (not an ablation: see
+  artifacts/lm/llama-8k-recall/PROVENANCE.md).
 
 Words added after the first model (`EXTRA_WORDS`) go at the end of `VOCAB`, so earlier ids never move.
 """

@@ -3,11 +3,13 @@
 Why this recipe (measured on our H200 runs, see artifacts/lm/*/PROVENANCE.md): one query per sequence
 stays at chance for minutes, so every training sequence carries many questions and the loss is on every
 answer word (dense supervision, as in Zoology's MQAR); the length curriculum lengthens only once answer
-accuracy is high; key-matched lookup (mqar, multi-key needles) never formed in a 7-minute run without the
-`copy` induction format in the mix; warmup + cosine, bf16 autocast, large token batches.
+accuracy is high; the `copy` induction format joins the mix (a 7-minute run without it never learned
+key-matched lookup, one with it did within ~1,000 steps; not an ablation); warmup + cosine, bf16
+autocast, large token batches, the LM head only on answer positions.
 
-    python -m train.lm --out artifacts/lm/<name> --train-minutes 7 --resume
+    python -m train.lm --out runs/lm --train-minutes 7 --resume      # one process
     torchrun --nproc-per-node 2 -m train.lm ...        # data-parallel (DDP over NCCL), one process a GPU
+    bash train/source_lm_gpu.sh phase1 8.6             # the exact recipe of artifacts/lm/llama-8k-recall
 
 Checkpoints (model fp32, optimiser moments bf16, state json) go to --ckpt-dir every --ckpt-every
 steps; --resume continues from them; --init-from starts from saved weights with a fresh optimiser (for a
