@@ -157,7 +157,8 @@ def _run_cli(*args: str) -> tuple[float, subprocess.CompletedProcess]:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["eval", "lm", "--help"], ["eval", "rl", "--help"],
-                                  ["eval", "video", "--help"], ["eval", "--help"]])
+                                  ["eval", "video", "--help"], ["eval", "--help"],
+                                  ["evolve", "--help"]])
 def test_help_imports_nothing_heavy_and_is_fast(argv):
     """`--help` must answer in under a second on the 2-core CPU. Importing torch alone takes 2-5 s there,
     so the check that cannot flake is that no heavy module is imported at all; the timing bound is

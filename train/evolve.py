@@ -32,10 +32,11 @@ import numpy as np
 import torch
 
 from tasks.language import DEFAULT_LM, answer_batch, load_lm, make_examples
+from train.options import PRESETS  # noqa: F401  (the presets live with the options, without torch)
+from train.options import add_evolve_arguments as add_arguments  # noqa: F401  (the CLI uses it)
 from transfer.atomic import write_atomic, write_json_atomic
 from transfer.checkpoint import save_namm
 from transfer.namm import NAMMConfig, NormStats, param_size
-from transfer.options import positive_float, positive_int
 from transfer.policies.full import FullCache
 from transfer.policies.namm import NAMMPolicy
 from transfer.rundir import DirLock, config_diff, model_id
@@ -45,17 +46,6 @@ NAMM_CONFIG = NAMMConfig()  # the geometry evolved: the released BAM's (docs/nam
 # Where and how fast a run goes; every other option changes the evolved NAMM (the model enters by content).
 _NOT_IN_KEY = ("device", "out", "max_minutes", "model")
 _RUN_FILES = ("evolution.pkl", "log.json", "fitness.png", "config.json")
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # Runs on the 2-core CPU in a few minutes: proves the loop, not a useful NAMM.
-    "cpu-small": dict(stages=["niah_single"], generations=[3], popsize=6, prompts=4, length=512,
-                      update_interval=128),
-    # The shipped NAMM's recipe on one GPU (see artifacts/namm/namm-shipped/PROVENANCE.md): the tasks the
-    # shipped LM solves with its full cache, at lengths where the full cache starts to fail.
-    "gpu": dict(stages=["niah_single,vt", "niah_single,vt,fwe"], generations=[24, 16], popsize=32, prompts=16,
-                length=2048, update_interval=256),
-}
-
 
 @dataclass
 class EvolveConfig:
@@ -287,25 +277,6 @@ def plot_fitness(log: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
-                   help="cpu-small: a few generations on the CPU in minutes; gpu: the shipped NAMM's recipe")
-    p.add_argument("--model", default=str(DEFAULT_LM), help="HF causal LM id or path")
-    p.add_argument("--stages", nargs="+", help="tasks per stage, e.g. mqar mqar,niah_multikey (overrides preset)")
-    p.add_argument("--generations", nargs="+", type=positive_int, help="generations per stage (overrides preset)")
-    p.add_argument("--popsize", type=positive_int, help="CMA-ES population size (overrides preset)")
-    p.add_argument("--prompts", type=positive_int, help="prompts per task per generation")
-    p.add_argument("--length", type=positive_int, help="prompt length in tokens")
-    p.add_argument("--update-interval", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="runs/evolve", help="output directory; rerun the same command to resume")
-    p.add_argument("--max-minutes", type=positive_float, default=None, help="stop (checkpointed) after this wall time")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in --out (a rerun with other options is refused without it)")
-
-
 def run(args: argparse.Namespace) -> int:
     preset = dict(PRESETS[args.preset])
     overrides = {
@@ -315,7 +286,8 @@ def run(args: argparse.Namespace) -> int:
     preset.update({k: v for k, v in overrides.items() if v is not None})
     if len(preset["generations"]) != len(preset["stages"]):
         raise ValueError(f"--generations needs one count per stage ({len(preset['stages'])} stages)")
-    cfg = EvolveConfig(model=args.model, batch_size=args.batch_size, seed=args.seed, device=args.device,
+    cfg = EvolveConfig(model=args.model, batch_size=args.batch_size, seed=args.seed,
+                       device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                        out=args.out, max_minutes=args.max_minutes, **preset)
     final = evolve(cfg, overwrite=args.overwrite)
     if not process_state().is_main_process:

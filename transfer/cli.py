@@ -82,7 +82,7 @@ COMMANDS: dict[str, Any] = {
                          "eval.options:add_video_arguments"),
     },
     "evolve": Command("evolve a NAMM with CMA-ES on a causal LM (resumable)", "train.evolve:run",
-                      "train.evolve:add_arguments"),
+                      "train.options:add_evolve_arguments"),
     "train": {
         "_help": "train the small shipped models (`train <what> --help` for options)",
         "lm": Command("the source LM on synthetic long-context tasks", "train.lm:main", own_parser=True),

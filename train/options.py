@@ -1,0 +1,41 @@
+"""Options of the trainers that the CLI builds itself (`evolve`), importable without torch so that
+`namm-transfer evolve --help` answers at once; train/evolve.py re-exports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from tasks.language import DEFAULT_LM
+from transfer.options import positive_float, positive_int
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Runs on the 2-core CPU in a few minutes: proves the loop, not a useful NAMM.
+    "cpu-small": dict(stages=["niah_single"], generations=[3], popsize=6, prompts=4, length=512,
+                      update_interval=128),
+    # The shipped NAMM's recipe on one GPU (see artifacts/namm/namm-shipped/PROVENANCE.md): the tasks the
+    # shipped LM solves with its full cache, at lengths where the full cache starts to fail.
+    "gpu": dict(stages=["niah_single,vt", "niah_single,vt,fwe"], generations=[24, 16], popsize=32, prompts=16,
+                length=2048, update_interval=256),
+}
+
+
+def add_evolve_arguments(p: argparse.ArgumentParser) -> None:
+    """`evolve`: CMA-ES over the NAMM's parameters on a causal LM."""
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
+                   help="cpu-small: a few generations on the CPU in minutes; gpu: the shipped NAMM's recipe")
+    p.add_argument("--model", default=str(DEFAULT_LM), help="HF causal LM id or path")
+    p.add_argument("--stages", nargs="+", help="tasks per stage, e.g. mqar mqar,niah_multikey (overrides preset)")
+    p.add_argument("--generations", nargs="+", type=positive_int, help="generations per stage (overrides preset)")
+    p.add_argument("--popsize", type=positive_int, help="CMA-ES population size (overrides preset)")
+    p.add_argument("--prompts", type=positive_int, help="prompts per task per generation")
+    p.add_argument("--length", type=positive_int, help="prompt length in tokens")
+    p.add_argument("--update-interval", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    p.add_argument("--out", default="runs/evolve", help="output directory; rerun the same command to resume")
+    p.add_argument("--max-minutes", type=positive_float, default=None, help="stop (checkpointed) after this wall time")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in --out (a rerun with other options is refused without it)")
