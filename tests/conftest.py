@@ -64,8 +64,9 @@ class Replay:
         layer, kept_slots = self.history.pop(0)  # (batch, kv_heads, n_kept) slots, -1 where not valid
         assert layer == view.layer, "the mask run must see the updates in the gather run's order"
         b, h, n = view.slots.shape
-        kept = torch.zeros(b, h, n + 1, dtype=torch.bool).scatter_(2, kept_slots + 1, True)[..., 1:]
-        return Selection(torch.arange(n).expand(b, h, n), kept), None
+        device = view.slots.device
+        kept = torch.zeros(b, h, n + 1, dtype=torch.bool, device=device).scatter_(2, kept_slots + 1, True)[..., 1:]
+        return Selection(torch.arange(n, device=device).expand(b, h, n), kept), None
 
 
 @pytest.fixture
