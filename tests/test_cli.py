@@ -296,3 +296,23 @@ def test_resumed_run_says_so_and_keeps_its_log(tmp_path, capsys):
     log_lines = (tmp_path / "full" / "log.txt").read_text()
     assert "failed after 1/3 examples" in log_lines and "resumed (1 of 3 done before)" in log_lines
     assert json.loads((tmp_path / "full" / "predictions.jsonl").read_text().splitlines()[0])["id"] == "ex0"
+
+
+def test_third_party_chatter_is_filtered_once(monkeypatch):
+    """gymnasium's version notices and torch's TF32 notices say nothing to a user; a real warning stays."""
+    import warnings
+
+    from transfer.log import quiet_third_party
+
+    for key in ("TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "HF_HUB_VERBOSITY",
+                "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(key, raising=False)  # restored after the test
+    pytest.importorskip("gymnasium")
+    from envs.mujoco import make_env
+
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_third_party(terminal=False)
+        make_env("hopper", "v4").close()  # gymnasium: "Hopper-v4 is out of date" (a DeprecationWarning)
+        warnings.warn("Please use the new API settings to control TF32 behavior", UserWarning, stacklevel=1)
+        warnings.warn("something the user must see", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something the user must see"]

@@ -202,6 +202,11 @@ def quiet_third_party(terminal: bool | None = None, load_transformers: bool = Tr
     transformers' info/warning logs and its per-load "Loading weights" bars.
     """
     terminal = is_terminal() if terminal is None else terminal
+    if load_transformers:
+        try:  # gymnasium puts its own "always show deprecations" filter first when imported: import it first
+            import gymnasium.logger  # noqa: F401
+        except ImportError:
+            pass
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"(\x1b\[\d+m)?WARN: ")  # gymnasium
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"gymnasium(\.|$)")
     warnings.filterwarnings("ignore", category=UserWarning, message=r".*TF32")
