@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from adapters.llama import CausalLMAdapter
+from adapters.causal_lm import CausalLMAdapter
 from transfer.memory import KVMemory
 
 

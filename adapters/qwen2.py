@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from adapters.llama import CausalLMAdapter
+from adapters.causal_lm import CausalLMAdapter
 
 
 class Qwen2Adapter(CausalLMAdapter):

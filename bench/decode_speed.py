@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from adapters.llama import CausalLMAdapter
+from adapters.causal_lm import CausalLMAdapter
 from bench.common import LLAMA3_8B, LLAMA_CPU_SMALL, random_llama
 from transfer.policies.full import FullCache
 from transfer.policies.recency import Recency

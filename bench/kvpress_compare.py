@@ -12,7 +12,7 @@ Methods (--methods):
 - knorm, snapkv, streamingllm: kvpress's KnormPress / SnapKVPress / StreamingLLMPress at
   compression_ratio = 1 - --kept, applied the kvpress way (`with press(model): model.model(ctx, past_key_values=
   cache)`), then decoding with absolute `position_ids` (the cache is shorter than the context), as its pipeline;
-- ours-full, namm: our memory (adapters.llama.CausalLMAdapter, slot-masked SDPA, 512-token chunks) with the
+- ours-full, namm: our memory (adapters.causal_lm.CausalLMAdapter, slot-masked SDPA, 512-token chunks) with the
   full policy, and with the shipped NAMM in budget mode (`NAMMPolicy.from_checkpoint(budget=--kept)`,
   an update every --update-interval tokens, so the cache is pruned during prefill). Decode never crosses
   an update boundary, so, as with the presses, nothing is evicted while decoding. Prefill times of the
@@ -204,7 +204,7 @@ def main() -> None:
     weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
     adapter = None
     if {"ours-full", "namm"} & set(methods):
-        from adapters.llama import CausalLMAdapter
+        from adapters.causal_lm import CausalLMAdapter
 
         adapter = CausalLMAdapter(model)
     # warm-up (kernels, allocator, the NAMM's first update) outside every measurement

@@ -35,7 +35,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig
 
 from adapters.base import install_memory_attention
-from adapters.llama import CausalLMAdapter
+from adapters.causal_lm import CausalLMAdapter
 from bench.common import LLAMA3_8B, LLAMA_CPU_SMALL, random_llama, sync
 from transfer.memory import KVMemory, _LayerState, _slot_mask
 from transfer.policies.full import FullCache

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from tasks import longbench, synthetic
 
 if TYPE_CHECKING:
-    from adapters.llama import CausalLMAdapter
+    from adapters.causal_lm import CausalLMAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LM = ROOT / "artifacts" / "lm" / "tiny-llama-mqar"
@@ -25,7 +25,7 @@ def load_lm(model: str | Path, device: str = "cpu") -> tuple[CausalLMAdapter, An
     from transformers import AutoConfig, AutoTokenizer
 
     from adapters import adapter_for
-    from adapters.llama import CausalLMAdapter  # here, not at import: `--help` must not load torch
+    from adapters.causal_lm import CausalLMAdapter  # here, not at import: `--help` must not load torch
 
     text = str(model)
     if not Path(text).exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1):

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from adapters.base import Adapter
 from adapters.decision_transformer import DecisionTransformerAdapter
 from adapters.gpt2 import GPT2Adapter
-from adapters.llama import CausalLMAdapter
+from adapters.causal_lm import CausalLMAdapter
 from adapters.llava_next_video import LlavaNextVideoAdapter
 from adapters.qwen2 import Qwen2Adapter
 from transfer.memory import KVMemory

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import Replay, random_namm_theta, tiny_llama
 
-from adapters.llama import CausalLMAdapter
+from adapters.causal_lm import CausalLMAdapter
 from transfer.namm import NormStats
 from transfer.policies import make_policy
 from transfer.policies.namm import NAMMPolicy

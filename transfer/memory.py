@@ -429,10 +429,8 @@ def memory_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if scaling is None:  # GPT-2 style modules scale inside their own eager path
-        scaling = query.shape[-1] ** -0.5 if getattr(module, "scale_attn_weights", True) else 1.0
-        if getattr(module, "scale_attn_by_inverse_layer_idx", False):
-            scaling /= float(module.layer_idx + 1)
+    if scaling is None:  # families with their own scaling rule pass `scaling` (adapters/gpt2.py)
+        scaling = query.shape[-1] ** -0.5
     out = memory.attend(module.layer_idx, query, key, value, scaling, kwargs.get("sliding_window"))
     return out, None
 

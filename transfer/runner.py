@@ -313,9 +313,11 @@ def pool_controls(results: dict[str, dict[str, Any]], units: dict[str, list]) ->
                 rows.setdefault((stratum, unit, row_id), []).append(value)
         units[group] = [(*key, sum(v) / len(v)) for key, v in rows.items() if len(v) == len(labels)]
         kept = [results[label].get("kept_fraction") for label in labels]
+        tasks = [results[label].get("per_task", {}) for label in labels]
         results[group] = {
             "policy": group, "seeds": labels,  # seed_scores: filled in by attach_stats
             "kept_fraction": sum(kept) / len(kept) if None not in kept else None,
+            "per_task": {t: sum(p[t] for p in tasks) / len(tasks) for t in tasks[0] if all(t in p for p in tasks)},
         }
 
 

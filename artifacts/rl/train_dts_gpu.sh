@@ -4,7 +4,7 @@
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 MINUTES=${MINUTES:-5.5}
-WORK=${WORK:-/tmp/dt}
+WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$WORK" "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
