@@ -253,8 +253,8 @@ def test_log_file_progress_lines_and_run_log(tmp_path, capsys, monkeypatch):
     assert all(LINE.match(line) for line in lines), lines
     assert lines[0].endswith("lm full [1/3] started: 4 examples to run")
     assert re.search(r"lm full \[1/3\] 2/4 examples, \d+ s, ETA \d+ s$", lines[1]), lines[1]
-    assert re.search(r"lm full \[1/3\] finished: 4 examples, \d+ s; ETA \d+ s for the other 2 runs$", lines[2])
-    assert re.search(r"lm h2o \[2/3\] finished: .*ETA \d+ s for the other 1 runs$", lines[-1])
+    assert re.search(r"lm full \[1/3\] finished: 4 examples, \d+ s; ETA \d+ s for 2 more runs$", lines[2])
+    assert re.search(r"lm h2o \[2/3\] finished: .*ETA \d+ s for 1 more run$", lines[-1])
     kept = (tmp_path / "h2o" / "log.txt").read_text().splitlines()
     assert len(kept) == 3 and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d lm h2o \[2/3\]", k) for k in kept), kept
 

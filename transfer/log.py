@@ -25,7 +25,7 @@ from typing import IO
 
 from transfer.rundir import LOG_FILE, PREDICTIONS_FILE
 
-__all__ = ["LOG_FILE", "RunProgress", "duration", "is_terminal", "line", "quiet_third_party", "track"]
+__all__ = ["LOG_FILE", "RunProgress", "count", "duration", "is_terminal", "line", "quiet_third_party", "track"]
 
 HEARTBEAT_S = 60.0  # a long run still says something at least once a minute in a log file
 
@@ -38,6 +38,11 @@ def duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def count(n: int, noun: str) -> str:
+    """'1 example', '4 examples'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def is_terminal(stream: IO[str] | None = None) -> bool:
@@ -109,7 +114,7 @@ class RunProgress:
 
     def begin(self, computed_before: int) -> None:
         verb = f"resumed ({computed_before} of {self.total} done before)" if computed_before else "started"
-        self._emit(f"{self.name} {verb}: {self.total - self.done} examples to run", not self._live)
+        self._emit(f"{self.name} {verb}: {count(self.total - self.done, 'example')} to run", not self._live)
 
     @property
     def _live(self) -> bool:
@@ -130,7 +135,7 @@ class RunProgress:
 
     def finish(self) -> None:
         seconds = time.time() - self.start
-        text = f"{self.name} finished: {self.total} examples, {duration(seconds)}"
+        text = f"{self.name} finished: {count(self.total, 'example')}, {duration(seconds)}"
         if self.step:
             index, total = self.step
             if _SEQUENCE.total != total or index == 1:
@@ -138,7 +143,7 @@ class RunProgress:
             _SEQUENCE.seconds.append(seconds)
             eta = _SEQUENCE.eta(index)
             if eta is not None:
-                text += f"; ETA {duration(eta)} for the other {total - index} runs"
+                text += f"; ETA {duration(eta)} for {count(total - index, 'more run')}"
         self._emit(text, True)
 
     def failed(self, error: BaseException) -> None:
