@@ -23,6 +23,7 @@ import numpy as np
 
 from eval.tables import fmt, fmt_ci, fmt_delta, fmt_seeds, main_rows, to_csv, to_latex, to_markdown
 from transfer.atomic import write_json_atomic
+from transfer.log import duration, line
 from transfer.stats import PairedBootstrap, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,11 +64,18 @@ def domain_options(parser: argparse.ArgumentParser, options: dict[str, Any], whe
     args = parser.parse_args([])
     dests = {opt.lstrip("-").replace("-", "_"): action.dest for action in parser._actions
              for opt in action.option_strings}
+    actions = {action.dest: action for action in parser._actions}
     for key, value in options.items():
         name = str(key).replace("-", "_")
         if name not in dests:
             raise ValueError(f"{where}: unknown option {key!r} for `{parser.prog}` (see its --help)")
-        setattr(args, dests[name], value)
+        action = actions[dests[name]]
+        if action.type is not None and value is not None:  # the same checks as on the command line
+            try:
+                value = action.type(str(value))
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+                raise ValueError(f"{where}: option {key!r}: {err}") from None
+        setattr(args, action.dest, value)
     return args
 
 
@@ -76,13 +84,14 @@ def run_domains(preset: str, out: Path, namm: str | None, domains: list[str],
     """{domain: {policy label: metrics}}: every domain through its own evaluator, one shape of result."""
     common = {"policies": POLICIES, "budget": BUDGETS[preset], "namm": namm, **(extra or {})}
     results: dict[str, dict[str, dict]] = {}
-    for domain in domains:
+    for i, domain in enumerate(domains, 1):
         module, parser = domain_parser(domain)
         options = {**PRESETS[preset][domain], **common, **(config or {}).get(domain, {}),
                    "out": str(out / "runs" / domain)}
         t0 = time.time()
+        line(f"reproduce: domain {i} of {len(domains)}, {domain}, started")
         results[domain] = module.run(domain_options(parser, options, f"--config {domain}"))
-        print(f"[reproduce] {domain}: {time.time() - t0:.0f} s", flush=True)
+        line(f"reproduce: domain {i} of {len(domains)}, {domain}, finished in {duration(time.time() - t0)}")
     return results
 
 
@@ -463,5 +472,5 @@ def run(args: argparse.Namespace) -> int:
         update_readme(report, args.preset)
     print((report / "cross_domain.md").read_text())
     print((report / "findings.md").read_text())
-    print(f"report: {report / 'README.md'} ({time.time() - t0:.0f} s)")
+    line(f"report: {report / 'README.md'} ({duration(time.time() - t0)})")
     return 0

@@ -95,6 +95,8 @@ def test_domain_options_take_config_keys_without_argv(tmp_path):
     assert (args.update_interval, args.limit, args.batch_size) == (512, 3, 2)
     with pytest.raises(ValueError, match="unknown option 'frames'"):
         reproduce.domain_options(parser, {"frames": 8}, "test")
+    with pytest.raises(ValueError, match="option 'limit'"):  # the command line's own checks apply to configs
+        reproduce.domain_options(parser, {"limit": 0}, "test")
 
 
 def test_config_file_errors_are_one_line_and_write_nothing(tmp_path, capsys):

@@ -270,7 +270,8 @@ def evaluate_policies(
     all_rows: dict[str, list[dict[str, Any]]] = {}
     namm_kept: dict[str, float] = {}
     config, info = run_key(config, options)
-    for spec in options.specs():
+    specs = options.specs()
+    for step, spec in enumerate(specs, 1):
         run = RunDir(Path(out_dir) / slug(spec.label), {**config, "policy": asdict(spec)},
                      overwrite=options.overwrite, writer=_is_main(), info=info)
         if run.finished():
@@ -287,9 +288,10 @@ def evaluate_policies(
                     row["policy"] = spec.label
                 return rows
 
-            label = f"{config.get('domain', '')} {spec.label}"
+            label = " ".join(str(p) for p in (config.get("domain"), config.get("env"), spec.label) if p)
             with run:
-                rows = run_examples(run, examples, batch_fn, options.batch_size, description=label)
+                rows = run_examples(run, examples, batch_fn, options.batch_size, description=label,
+                                    step=(step, len(specs)))
                 metrics = {**summarize(rows), "policy": spec.label, "n_examples": len(rows)}
                 run.finish(metrics)
         results[spec.label] = metrics
