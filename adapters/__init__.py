@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from adapters.base import Adapter
+from adapters.causal_lm import CausalLMAdapter
 from adapters.decision_transformer import DecisionTransformerAdapter
 from adapters.gpt2 import GPT2Adapter
-from adapters.causal_lm import CausalLMAdapter
 from adapters.llava_next_video import LlavaNextVideoAdapter
 from adapters.qwen2 import Qwen2Adapter
 

@@ -1,4 +1,6 @@
-"""Causal LMs on transformers' attention interface (Llama, Mistral, Qwen3, Gemma, Phi-3, ...): chunked prefill, greedy decoding.
+"""Causal LMs on transformers' attention interface (Llama, Mistral, Qwen3, Gemma, Phi-3, ...).
+
+Chunked prefill and greedy decoding.
 
 Everything these models share goes through transformers' attention interface, so the family code is
 only: which token ids go in, with which absolute positions, and how to pick the next token.

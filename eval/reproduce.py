@@ -79,8 +79,8 @@ def domain_options(parser: argparse.ArgumentParser, options: dict[str, Any], whe
     return args
 
 
-def run_domains(preset: str, out: Path, namm: str | None, domains: list[str],
-                config: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, dict[str, dict]]:
+def run_domains(preset: str, out: Path, namm: str | None, domains: list[str], config: dict[str, Any] | None = None,
+                extra: dict[str, Any] | None = None) -> dict[str, dict[str, dict]]:
     """{domain: {policy label: metrics}}: every domain through its own evaluator, one shape of result."""
     common = {"policies": POLICIES, "budget": BUDGETS[preset], "namm": namm, **(extra or {})}
     results: dict[str, dict[str, dict]] = {}

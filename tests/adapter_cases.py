@@ -17,9 +17,9 @@ import torch
 from transformers import PreTrainedModel
 
 from adapters.base import Adapter
+from adapters.causal_lm import CausalLMAdapter
 from adapters.decision_transformer import DecisionTransformerAdapter
 from adapters.gpt2 import GPT2Adapter
-from adapters.causal_lm import CausalLMAdapter
 from adapters.llava_next_video import LlavaNextVideoAdapter
 from adapters.qwen2 import Qwen2Adapter
 from transfer.memory import KVMemory

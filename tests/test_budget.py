@@ -9,6 +9,7 @@ from conftest import random_namm_theta, tiny_llama
 
 from adapters.causal_lm import CausalLMAdapter
 from transfer.namm import NormStats
+from transfer.policies.base import Selection
 from transfer.policies.namm import NAMMPolicy
 
 NORM = NormStats(mean=torch.full((17,), 0.01), var=torch.full((17,), 1e-4), count=100)
@@ -49,9 +50,10 @@ def test_no_budget_is_the_reference_rule():
         needs_attention, name = True, "check"
 
         def update(self, view, state):
-            ref = namm_update(view.attn, state, view.slots, inner.params, NORM, valid=None if view.all_valid else view.valid)
+            valid = None if view.all_valid else view.valid
+            ref = namm_update(view.attn, state, view.slots, inner.params, NORM, valid=valid)
             keep, new_state = inner.update(view, state)
-            ours, ours_valid = (keep.index, keep.valid) if hasattr(keep, "valid") else (keep, None)
+            ours, ours_valid = (keep.index, keep.valid) if isinstance(keep, Selection) else (keep, None)
             if ours is None:  # everything kept
                 assert ref.keep.shape[-1] == view.keys.shape[2] and ref.keep_valid is None
             else:

@@ -25,7 +25,6 @@ from conftest import Replay, random_namm_theta
 from adapters import ADAPTERS, adapter_for
 from transfer.namm import NormStats
 from transfer.policies import POLICIES, make_policy
-from transfer.policies.namm import NAMMPolicy
 
 UPDATE = 32
 BUDGETS: dict[str, float | int] = {"recency": 40, "streaming": 0.3, "h2o": 0.5, "l2": 40, "random": 0.4,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transfer.policies.base import LayerView, Selection
 from transfer.policies import make_policy
+from transfer.policies.base import LayerView, Selection
 from transfer.runner import parse_policies
 
 
@@ -150,7 +150,7 @@ def test_registry_comes_from_class_attributes():
 
     assert all(name == cls.name for name, cls in POLICIES.items())
     assert {n for n, c in POLICIES.items() if c.budget_rule == "required"} == {
-        "recency", "streaming", "h2o", "l2", "random", "namm-random"}
+        "recency", "streaming", "h2o", "snapkv", "l2", "random", "namm-random"}
     with pytest.raises(ValueError, match="no budget"):
         make_policy("full", budget=0.5)
 

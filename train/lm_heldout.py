@@ -48,10 +48,7 @@ def run_cells(model: str, tasks: list[str], lengths: list[int], policies: list[s
     """
     import torch
 
-    try:
-        from tasks.language import answer_batch, load_lm
-    except ImportError:  # older layout
-        from eval.lm import answer_batch, load_lm
+    from tasks.language import answer_batch, load_lm
     from tasks.synthetic import make_examples
     from transfer.policies import make_policy
 

@@ -9,12 +9,14 @@ import torch, transformers or gymnasium at module level: `transfer/cli.py` build
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 # One memory-update interval for every domain: the shipped NAMM was evolved, and its normalisation
 # statistics collected, with an update every 256 tokens (artifacts/namm/namm-shipped/PROVENANCE.md).
-# `reproduce --interval-sweep` shows what other intervals do in each domain.
+# docs/results/source-lm-gpu/ measures 64-512 on the source domain.
 DEFAULT_UPDATE_INTERVAL = 256
 # One protected set for every policy of a table: the newest 32 tokens (the question or instruction of a
 # prompt, the current steps of an episode) and no sink tokens; both are printed in every table header.
@@ -25,48 +27,28 @@ DEFAULT_POLICIES = "full,h2o,l2,namm,namm-random"
 
 
 # ------------------------------------------------------------------------------------------ value types
-def positive_int(text: str) -> int:
-    """A count or length: an integer >= 1 (0 and negatives used to divide by zero or write empty runs)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (1 or more), got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
-    return value
+def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], want: str) -> Callable[[str], Any]:
+    """An argparse `type`: parse with `convert`, accept only what `ok` says, one message naming the range."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    """A count that may be zero (protected tokens)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (time caps, learning rates)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """Any finite number (a target return): 'nan' and 'inf' parse as floats but mean nothing here."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
+# A count or length (0 and negatives used to divide by zero or write empty runs); a count that may be zero
+# (protected tokens); a finite number > 0 (time caps, learning rates); any finite number (a target return:
+# 'nan' and 'inf' parse as floats but mean nothing here).
+positive_int = _checked(int, lambda v: v >= 1, "a positive integer (1 or more)")
+nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
+finite_float = _checked(float, math.isfinite, "a finite number")
 
 
 # ------------------------------------------------------------------------------------------ parser
