@@ -15,9 +15,10 @@ from transfer.policies.l2 import L2Norm
 from transfer.policies.namm import NAMMPolicy, NAMMRandom, NAMMSink
 from transfer.policies.random import RandomEviction
 from transfer.policies.recency import Recency
+from transfer.policies.snapkv import SnapKV
 from transfer.policies.streaming import StreamingLLM
 
-_CLASSES = (FullCache, Recency, StreamingLLM, H2O, L2Norm, RandomEviction, NAMMPolicy, NAMMSink, NAMMRandom)
+_CLASSES = (FullCache, Recency, StreamingLLM, H2O, SnapKV, L2Norm, RandomEviction, NAMMPolicy, NAMMSink, NAMMRandom)
 POLICIES: dict[str, type] = {cls.name: cls for cls in _CLASSES}
 
 
