@@ -45,10 +45,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "video": {},
     },
 }
-POLICIES = f"full,namm,namm-sink,namm-random,h2o,l2,namm@{SWEEP.replace(',', ',namm@')}"
+_QUICK = f"full,namm,namm-sink,namm-random,h2o,l2,namm@{SWEEP.replace(',', ',namm@')}"
+POLICIES = {"quick": _QUICK, "full": _QUICK + ",snapkv,streaming,recency,random"}
 BUDGETS = {"quick": "match", "full": f"match,{SWEEP}"}
-MAIN_ROWS = ["full", "namm", "namm-random@match", "h2o@match", "l2@match"]
-COMPARED = ["full", "namm-random@match", "h2o@match", "l2@match", "namm-sink"]
+BASELINES = ["h2o@match", "snapkv@match", "l2@match", "streaming@match", "recency@match", "random@match"]
+MAIN_ROWS = ["full", "namm", "namm-random@match", *BASELINES]
+COMPARED = ["full", "namm-random@match", *BASELINES, "namm-sink"]
 
 
 def domain_parser(domain: str) -> tuple[Any, argparse.ArgumentParser]:
@@ -82,7 +84,7 @@ def domain_options(parser: argparse.ArgumentParser, options: dict[str, Any], whe
 def run_domains(preset: str, out: Path, namm: str | None, domains: list[str], config: dict[str, Any] | None = None,
                 extra: dict[str, Any] | None = None) -> dict[str, dict[str, dict]]:
     """{domain: {policy label: metrics}}: every domain through its own evaluator, one shape of result."""
-    common = {"policies": POLICIES, "budget": BUDGETS[preset], "namm": namm, **(extra or {})}
+    common = {"policies": POLICIES[preset], "budget": BUDGETS[preset], "namm": namm, **(extra or {})}
     results: dict[str, dict[str, dict]] = {}
     for i, domain in enumerate(domains, 1):
         module, parser = domain_parser(domain)
@@ -319,7 +321,9 @@ def findings(results: dict[str, dict[str, dict]]) -> list[str]:
             continue
         parts = []
         for other, name in (("full", "the full cache"), ("namm-random@match", "the random-NAMM controls"),
-                            ("h2o@match", "H2O"), ("l2@match", "L2")):
+                            ("h2o@match", "H2O"), ("snapkv@match", "SnapKV"), ("l2@match", "L2"),
+                            ("streaming@match", "StreamingLLM"), ("recency@match", "recency"),
+                            ("random@match", "random eviction")):
             if other in mine:
                 word = {"better": "above", "worse": "below", "within noise": "within noise of"}[mine[other][3]]
                 parts.append(f"{word} {name} ({mine[other][2]})")
@@ -463,7 +467,7 @@ def run(args: argparse.Namespace) -> int:
     figures = ["score_vs_kept.png", *eviction_examples(report, args.namm, domains)]
     meta = {"preset": args.preset, "domains": domains, "namm": args.namm, "controls": args.controls,
             "config_file": config, "domain_options": {d: PRESETS[args.preset][d] for d in domains},
-            "policies": POLICIES, "budgets": BUDGETS[args.preset], "protection": header,
+            "policies": POLICIES[args.preset], "budgets": BUDGETS[args.preset], "protection": header,
             "versions": versions(), "seconds": time.time() - t0}
     write_json_atomic(report / "config.json", meta)
     write_json_atomic(report / "results.json", results)

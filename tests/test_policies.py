@@ -55,7 +55,8 @@ def test_l2_leaves_layer_0_uncompressed_and_spreads_its_memory():
         0, 1, 3, 5, 7, 9]  # no skipped layer: the plain 60 % budget, the 6 lowest norms
 
 
-@pytest.mark.parametrize("name", ["recency", "streaming", "h2o", "l2", "random", "namm-random", "namm", "namm-sink"])
+@pytest.mark.parametrize("name", ["recency", "streaming", "h2o", "snapkv", "l2", "random", "namm-random", "namm",
+                                  "namm-sink"])
 def test_protected_tokens_are_never_evicted(name):
     """The same protected set (newest W, first S valid tokens) holds for every policy, whatever it scores."""
     n = 64
