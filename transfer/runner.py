@@ -54,8 +54,13 @@ class PolicySpec:
 
     @property
     def group(self) -> str:
-        """The label without the control seed: controls of one budget form one row of a table."""
-        return PolicySpec(self.name, self.budget).label
+        return control_group(self.label)
+
+
+def control_group(label: str) -> str:
+    """The label without its control seed ('namm-random:s3@match' -> 'namm-random@match'): the controls of
+    one budget form one row of a table."""
+    return re.sub(r":s\d+(?=@|$)", "", label)
 
 
 def parse_budget(text: str) -> float | int | str:
@@ -305,9 +310,8 @@ def pool_controls(results: dict[str, dict[str, Any]], units: dict[str, list]) ->
     """Add one row per control group (e.g. `namm-random@match`): per-row mean over the seeds, seed scores."""
     groups: dict[str, list[str]] = {}
     for label in results:
-        if ":s" in label:
-            name, _, rest = label.partition(":s")
-            groups.setdefault(name + ("@" + rest.partition("@")[2] if "@" in rest else ""), []).append(label)
+        if control_group(label) != label:
+            groups.setdefault(control_group(label), []).append(label)
     for group, labels in groups.items():
         rows: dict[tuple, list[float]] = {}
         for label in labels:
