@@ -145,3 +145,127 @@ def test_parse_stages():
         parse_stages("1/4/x")
     with pytest.raises(ValueError, match="qtypes must be in 0-3"):
         parse_stages("7/4/10")
+
+
+# ------------------------------------------------------------------------------- the long-video task (issue 19)
+TINY_LONG = ["--task", "long", "--device", "cpu", "--text-hidden", "32", "--text-layers", "1",
+             "--vision-hidden", "16", "--vision-layers", "1", "--heads", "2", "--kv-heads", "1",
+             "--curriculum", "32/0/0", "--frame-budget", "64", "--val-videos", "5", "--test-videos", "5",
+             "--eval-frames", "32", "--log-every", "1"]
+
+
+def test_long_question_logits_match_one_sequence():
+    """Five questions on one cached video prefix give exactly the logits of video + one question run alone."""
+    from train.video import (
+        LongEncoder,
+        LongStream,
+        build_long_model,
+        build_long_tokenizer,
+        long_loss,
+        long_pixels,
+        parse_args,
+        parse_curriculum,
+        question_logits,
+    )
+
+    args = parse_args(["--out", "x", *TINY_LONG])
+    tok = build_long_tokenizer()
+    assert tok.unk_token_id not in tok(build_prompt(lvb_prompt(
+        "which appeared first , the white object or the red object ?", ["red", "green"])))["input_ids"]
+    model = build_long_model(tok, args).eval()
+    assert model.config.text_config.max_position_embeddings >= 8192
+    batch = LongStream(0, parse_curriculum("32/0/0", 4), 64, 4)[0]
+    assert batch["frames"].shape == (2, 32, 84, 84, 3) and [len(q) for q in batch["questions"]] == [5, 5]
+    enc = LongEncoder(tok).encode(batch["questions"], 32, "cpu")
+    assert enc["prefix"].shape == (2, 3 + 32 * 36)
+    pixel = long_pixels(batch["frames"], "cpu", 0)
+    with torch.no_grad():
+        logits = question_logits(model, pixel, enc)
+        for v, q in [(0, 0), (1, 2), (1, 4)]:
+            r = v * 5 + q
+            n = int(enc["lengths"][r])
+            ids = torch.cat([enc["prefix"][v], enc["q_ids"][r, :n]])[None]
+            ref = model(input_ids=ids, pixel_values_videos=pixel[v:v + 1]).logits[0, enc["prefix"].shape[1]:]
+            assert torch.allclose(logits[r, :n], ref, atol=1e-4)
+            # the target letter sits where long_loss reads it
+            assert int(enc["q_ids"][r, n - 2]) == tok.convert_tokens_to_ids("ABCDE"[batch["questions"][v][q][1]])
+        loss, right = long_loss(logits, enc)
+    assert right.shape == (10,) and 3.0 < loss.item() < 6.0  # ~ln(vocab) untrained
+
+
+def _log(out):
+    return [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_long_loss_falls(tmp_path):
+    out = tmp_path / "m"
+    main(["--out", str(out), *TINY_LONG, "--steps", "12", "--lr", "1e-2", "--warmup", "2", "--eval-every", "100"])
+    losses = [r["batch_loss"] for r in _log(out) if "batch_loss" in r]
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < losses[0] - 1.0, losses  # from ~ln(vocab) to the letters' marginal
+    metrics = json.loads((out / "model" / "train_metrics.json").read_text())
+    test = metrics["test"]
+    assert set(test) >= {"full", "recency@0.25", "full_minus_recency"}
+    assert test["full"]["kept_fraction"] == 1.0 and test["recency@0.25"]["kept_fraction"] < 0.3
+    assert len(test["full_minus_recency"]["ci95"]) == 2 and test["n_videos"] == 5
+    assert (out / "model" / "PROVENANCE.md").read_text().count("recency") >= 2
+
+
+def test_long_resume_is_exact(tmp_path):
+    """Stopped after one step by --max-minutes, exported through $OUT's limits and resumed from the pieces
+    in a fresh folder: the weights equal those of an uninterrupted run, bit for bit."""
+    common = [*TINY_LONG, "--steps", "3", "--eval-every", "100", "--save-every", "0"]
+    straight = tmp_path / "a"
+    main(["--out", str(straight), *common])
+    cut = tmp_path / "b"
+    first = main(["--out", str(cut), *common, "--time-budget", "0.01", "--export", str(tmp_path / "OUT")])
+    assert first == {**first, "steps": 1, "finished": False}
+    shipped = sorted(p.name for p in (tmp_path / "OUT").iterdir())
+    assert shipped == ["train_log.jsonl", "train_state.pt.part00"]  # no model chosen yet (validation at the end)
+    second = main(["--out", str(tmp_path / "c"), *common, "--resume-from", str(tmp_path / "OUT")])
+    assert second["train"]["best"]["step"] == 3
+    a = torch.load(straight / "train_state.pt", weights_only=False)
+    c = torch.load(tmp_path / "c" / "train_state.pt", weights_only=False)
+    assert a["step"] == c["step"] == 3
+    for k, v in a["model"].items():
+        assert torch.equal(v, c["model"][k]), k
+    assert a["ema"] == c["ema"]
+    with pytest.raises(ValueError, match="3-step run"):
+        main(["--out", str(tmp_path / "d"), *TINY_LONG, "--steps", "5", "--resume-from", str(tmp_path / "OUT")])
+
+
+def test_long_export_limits(tmp_path):
+    from train.video import STATE_PART_BYTES, export
+
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    (out / "train_state.pt").write_bytes(b"x" * (2 * STATE_PART_BYTES + 5))
+    export(out, tmp_path / "OUT")
+    names = sorted(p.name for p in (tmp_path / "OUT").iterdir())
+    assert names == ["model.tar.gz", "train_state.pt.part00", "train_state.pt.part01", "train_state.pt.part02"]
+    assert b"".join((tmp_path / "OUT" / n).read_bytes() for n in names[1:]) == (out / "train_state.pt").read_bytes()
+
+
+def test_parse_curriculum():
+    from train.video import long_stage, parse_curriculum
+
+    stages = parse_curriculum("32/0/10;48,64/0/20;64,128/64,128/0", 100)
+    assert stages == [([32], [0], 10), ([48, 64], [0], 30), ([64, 128], [64, 128], 100)]
+    assert long_stage(stages, 9) == ([32], [0]) and long_stage(stages, 30) == ([64, 128], [64, 128])
+    with pytest.raises(ValueError, match="bad --curriculum part"):
+        parse_curriculum("16/0/10", 20)
+    with pytest.raises(ValueError, match="bad --curriculum part"):
+        parse_curriculum("32/x", 20)
+    with pytest.raises(ValueError, match="frames >= -2"):
+        parse_curriculum("64/-3/0", 20)
+    from train.video import LongStream
+
+    half = LongStream(0, parse_curriculum("64/-2/0", 2), 64, 2)[1]
+    assert half["frames"].shape == (2, 32, 84, 84, 3)
+    from train.video import fit_steps
+
+    # 10 steps at 1 s and 20 at 2 s are fixed (50 s); 90 % of 500 s leaves 400 s for 0.5 s steps: 800 more
+    assert fit_steps(parse_curriculum("32/0/10;48/0/20;64/0/0", 10**9), [1.0, 2.0, 0.5], 500) == 830
+    with pytest.raises(ValueError, match="more minutes"):
+        fit_steps(parse_curriculum("32/0/10;64/0/0", 10**9), [1.0, 2.0], 60)

@@ -21,8 +21,10 @@ import math
 import os
 import random
 import shlex
+import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,7 @@ from adapters.llava_next_video import (
     build_word_tokenizer,
     processor_frame_size,
 )
+from tasks import long_video as lv
 from tasks.synth_video import COLORS, COUNT_OPTIONS, QUESTIONS, SIZE, make_questions, render, sample_spec
 from tasks.video_bench import LETTERS, LVB_POST_PROMPT, MLVU_POST_PROMPT, lvb_prompt
 from transfer.options import Parser
@@ -63,16 +66,21 @@ def build_tokenizer():
 
 
 # ------------------------------------------------------------------------------------------------- model
-def build_model(tokenizer, vision_hidden: int = 64, text_hidden: int = 128, text_layers: int = 4, seed: int = 0):
-    """Tiny LLaVA-NeXT-Video: CLIP 2 layers, Llama ``text_layers`` layers, 4 query heads over 2 KV heads."""
+def build_model(tokenizer, vision_hidden: int = 64, text_hidden: int = 128, text_layers: int = 4, seed: int = 0,
+                size: int = SIZE, patch: int = PATCH, max_positions: int = 2048, vision_layers: int = 2,
+                heads: int = 4, kv_heads: int = 2):
+    """Tiny LLaVA-NeXT-Video: CLIP ``vision_layers`` layers, Llama ``text_layers`` layers, GQA ``heads`` over
+    ``kv_heads``; a frame gives ((size // patch) ** 2) / 4 video tokens (2x2 average pooling)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
     vocab = len(tokenizer)
-    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=SIZE, patch_size=PATCH, projection_dim=vision_hidden)
+    tokens_per_frame = (size // patch) ** 2 // 4
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
+                              num_hidden_layers=vision_layers, num_attention_heads=4, image_size=size,
+                              patch_size=patch, projection_dim=vision_hidden)
     text = LlamaConfig(vocab_size=64 * math.ceil(vocab / 64), hidden_size=text_hidden,
-                       intermediate_size=3 * text_hidden, num_hidden_layers=text_layers, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
+                       intermediate_size=3 * text_hidden, num_hidden_layers=text_layers, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, max_position_embeddings=max_positions, rope_theta=10000.0,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     cfg = LlavaNextVideoConfig(
@@ -80,8 +88,8 @@ def build_model(tokenizer, vision_hidden: int = 64, text_hidden: int = 128, text
         video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-1, vision_feature_select_strategy="default", spatial_pool_mode="average",
-        spatial_pool_stride=2, image_grid_pinpoints=[[SIZE, SIZE]], image_seq_length=TOKENS_PER_FRAME * 4,
-        video_seq_length=TOKENS_PER_FRAME * 32, tie_word_embeddings=False,
+        spatial_pool_stride=2, image_grid_pinpoints=[[size, size]], image_seq_length=tokens_per_frame * 4,
+        video_seq_length=tokens_per_frame * 32, tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlavaNextVideoForConditionalGeneration(cfg)
@@ -305,11 +313,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--eval-dir", default="", help="LongVideoBench-layout held-out set to score at the end")
     p.add_argument("--eval-npz", default="", help="pre-decoded frames of --eval-dir (see decode_frames_npz)")
-    p.add_argument("--eval-frames", default="32", help="frame counts for the final eval, comma separated")
+    p.add_argument("--eval-frames", default="",
+                   help="frame counts for the final eval, comma separated (default: 32; --task long: one count, 128)")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=500, help="checkpoint for --resume every N steps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     p.add_argument("--init", default="", help="start from the weights of a model dir saved by this script")
+    p.add_argument("--task", choices=("synth", "long"), default="synth",
+                   help="synth: the 32-frame task of the shipped tiny model (tasks/synth_video.py); long: the "
+                        "64-128-frame task whose questions need the whole video (tasks/long_video.py, issue 19)")
+    g = p.add_argument_group("--task long")
+    g.add_argument("--curriculum", default=LONG_CURRICULUM,
+                   help="lengths/frames/steps;... video lengths, sampled frames (0 = every frame, -2 = half) and "
+                        "steps per stage; the last stage runs until --steps")
+    g.add_argument("--workers", type=int, default=0, help="data-loader processes rendering the training stream")
+    g.add_argument("--eval-every", type=int, default=500, help="validation (model selection) every N steps")
+    g.add_argument("--warmup", type=int, default=200)
+    g.add_argument("--vision-layers", type=int, default=2)
+    g.add_argument("--heads", type=int, default=4)
+    g.add_argument("--kv-heads", type=int, default=2)
+    g.add_argument("--val-videos", type=int, default=lv.SPLIT_SIZE["val"])
+    g.add_argument("--test-videos", type=int, default=lv.SPLIT_SIZE["test"])
+    g.add_argument("--recency-budget", type=float, default=0.25, help="the memory-matters check's recency budget")
+    g.add_argument("--export", default="", help="copy the model (tar.gz), split state, log and metrics here ($OUT)")
+    g.add_argument("--resume-from", default="", help="folder holding train_state.pt or its .partNN pieces")
+    g.add_argument("--eval-only", action="store_true", help="only the final test evaluation of <out>/model")
     args = p.parse_args(argv)
     if args.time_budget is None:  # one name for every time cap: --max-minutes
         args.time_budget = 60 * args.max_minutes
@@ -318,6 +346,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.task == "long":
+        return main_long(args, argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -401,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "args": vars(args), "argv": ["python", "-m", "train.video", *(sys.argv[1:] if argv is None else argv)]}
     if args.eval_dir:
-        for n in [int(x) for x in args.eval_frames.split(",")]:
+        for n in [int(x) for x in (args.eval_frames or "32").split(",")]:
             t1 = time.time()
             m, preds = evaluate_lvb(model, processor, args.eval_dir, n, device, args.eval_npz or None)
             m["eval_seconds"] = round(time.time() - t1, 1)
@@ -413,6 +443,557 @@ def main(argv: list[str] | None = None) -> dict:
     if state_path.is_file() and total and step >= total:  # finished: nothing left to resume
         state_path.unlink()
     return metrics
+
+
+# ================================================================================ the long-video task (issue 19)
+# A model that needs its memory: 64-128-frame videos of tasks/long_video.py at 84 px with 7 px patches, so
+# 36 tokens a frame and 2304-4608 video tokens (64-128 frames); the LM's context is 8192. Training draws
+# fresh videos (numpy, in data-loader processes) and asks all five questions of a video at once: the
+# video prefix runs once, its KV cache is repeated for the five questions (exactly what one question
+# after the video sees, since the questions never see each other). Validation chooses the model; the
+# test set is scored once at the end, with the full cache and a recency cache through the suite's memory.
+LONG_PATCH = 7
+LONG_TPF = (lv.SIZE // LONG_PATCH) ** 2 // 4  # 36 video tokens a frame
+LONG_CONTEXT = 8192
+LONG_CURRICULUM = "32/0/300;48,64/0/600;64,80,96,112,128/-2,0,64,128/0"
+LONG_EVAL_FRAMES = 128
+STATE_PART_BYTES = 15 * 2**20  # $OUT takes files up to 16 MiB
+
+
+def long_corpus() -> list[str]:
+    """Every prompt of the long task (all colours, counts and colour pairs) plus the benchmark templates."""
+    texts = [build_prompt(""), LVB_POST_PROMPT, MLVU_POST_PROMPT, "(A) (B) (C) (D) (E) N/A", " ".join(LETTERS)]
+    for q in lv.QUESTIONS.values():
+        texts += [q.format(color=c, a=a, b=b) for c in COLORS for a in COLORS for b in COLORS]
+    texts += [lvb_prompt("q ?", list(COLORS)), lvb_prompt("q ?", lv.COUNT_OPTIONS), "The best answer is"]
+    return texts
+
+
+def build_long_tokenizer():
+    return build_word_tokenizer(long_corpus())
+
+
+def build_long_model(tokenizer, args: argparse.Namespace):
+    return build_model(tokenizer, args.vision_hidden, args.text_hidden, args.text_layers, args.seed, size=lv.SIZE,
+                       patch=LONG_PATCH, max_positions=LONG_CONTEXT, vision_layers=args.vision_layers,
+                       heads=args.heads, kv_heads=args.kv_heads)
+
+
+def parse_curriculum(text: str, total: int) -> list[tuple[list[int], list[int], int]]:
+    """"lengths/frames/steps;..." -> [(video lengths, sampled frames, end step)]; the last stage runs to
+    `total` (its steps field is ignored). Frames: N > 0 sampled uniformly (lmms-eval rule), 0 every frame,
+    -k one k-th of the video's frames (-2 = half: 32 of a 64-frame video, the CPU quick evaluation)."""
+    stages, end = [], 0
+    parts = [x for x in text.split(";") if x.strip()]
+    for i, part in enumerate(parts):
+        try:
+            lengths_s, frames_s, steps_s = part.split("/")
+            lengths = [int(x) for x in lengths_s.split(",")]
+            frames = [int(x) for x in frames_s.split(",")]
+            end = total if i == len(parts) - 1 else end + int(steps_s)
+        except ValueError as e:
+            raise ValueError(f"bad --curriculum part {part!r}: expected lengths/frames/steps ({e})") from e
+        if min(lengths) < 32 or max(lengths) > 256 or min(frames) < -2:
+            raise ValueError(f"bad --curriculum part {part!r}: lengths must be 32-256 frames, frames >= -2")
+        stages.append((lengths, frames, end))
+    if not stages:
+        raise ValueError("--curriculum is empty")
+    return stages
+
+
+def long_stage(stages: list, step: int) -> tuple[list[int], list[int]]:
+    for lengths, frames, end in stages:
+        if step < end:
+            return lengths, frames
+    return stages[-1][0], stages[-1][1]
+
+
+@dataclass
+class LongStream(torch.utils.data.Dataset):
+    """Training batch `step` as numpy, a pure function of (seed, step): resuming at step s replays exactly.
+
+    One video length and one sampled-frame count per batch (no padding in the video prefix); the number
+    of videos is frame_budget // frames (constant cost across stages).
+    """
+
+    seed: int
+    stages: list
+    frame_budget: int
+    total: int
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, step: int) -> dict:
+        rng = np.random.default_rng([self.seed, step, 1])
+        lengths, frames = long_stage(self.stages, step)
+        t = int(rng.choice(lengths))
+        return long_batch(self.seed, step, t, sampled_frames(int(rng.choice(frames)), t), self.frame_budget)
+
+
+def sampled_frames(spec: int, length: int) -> int:
+    """A curriculum frames entry for a video of `length` frames: N, 0 = all, -k = length // k."""
+    return length if spec == 0 else (length // -spec if spec < 0 else spec)
+
+
+def long_batch(seed: int, step: int, length: int, n_frames: int, frame_budget: int) -> dict:
+    """frame_budget // n_frames videos of `length` frames, n_frames sampled from each, all five questions."""
+    batch = max(1, frame_budget // n_frames)
+    videos = [lv.make_video(lv.train_seed(seed, step, i, batch), length) for i in range(batch)]
+    pixels = np.stack([lv.render(v, lv.sample_frames(length, n_frames)) for v in videos])  # (B, N, S, S, 3) uint8
+    questions = [[(q["question"], q["correct_choice"], q["question_category"]) for q in lv.make_questions(v)]
+                 for v in videos]
+    return {"step": step, "frames": torch.from_numpy(pixels), "questions": questions}  # a tensor: pinned by the loader
+
+
+def probe_seconds(model, encoder: LongEncoder, stages: list, frame_budget: int, device, amp) -> list[float]:
+    """Seconds a step of each stage takes at its heaviest shape: forward + backward after a warm-up, no
+    update (weights and optimizer untouched), so `--steps 0` can fit the schedule into --max-minutes."""
+    out = []
+    for k, (lengths, frames, _) in enumerate(stages):
+        t = max(lengths)
+        n = max(sampled_frames(f, t) for f in frames)
+        batch = long_batch(0, 10**8 + k, t, n, frame_budget)
+        enc = encoder.encode(batch["questions"], n, device)
+        times = []
+        for _ in range(3):
+            t0 = time.time()
+            pixel = long_pixels(batch["frames"], device, 0)
+            with amp:
+                logits = question_logits(model, pixel, enc)
+            long_loss(logits, enc)[0].backward()
+            model.zero_grad(set_to_none=True)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.time() - t0)
+        out.append(min(times[1:]))
+    return out
+
+
+def fit_steps(stages: list, seconds: list[float], budget_s: float) -> int:
+    """Total steps such that the fixed stages plus the last one fill `budget_s` (a 10 % margin for data and
+    validation)."""
+    fixed, start = 0.0, 0
+    for (_, _, end), sec in zip(stages[:-1], seconds[:-1]):
+        fixed += (end - start) * sec
+        start = end
+    last = int((0.9 * budget_s - fixed) / seconds[-1])
+    if last < 100:
+        raise ValueError(f"error: --max-minutes leaves {last} steps for the last stage after the fixed stages "
+                         f"({fixed:.0f} s); give more minutes or a shorter curriculum")
+    return start + last
+
+
+def _identity(x):
+    return x
+
+
+class LongEncoder:
+    """Prompt ids of the long task, cached: the shared video prefix and each question's own tokens."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self.video_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+        self.letter_ids = [tokenizer.convert_tokens_to_ids(x) for x in LETTERS]
+        self.cache: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+
+    def split(self, question: str, options: tuple[str, ...]) -> tuple[list[int], list[int]]:
+        """(ids before the video placeholder, ids after it) of build_prompt(lvb_prompt(question, options))."""
+        key = (question, options)
+        if key not in self.cache:
+            ids = self.tok(build_prompt(lvb_prompt(question, list(options))))["input_ids"]
+            k = ids.index(self.video_id)
+            self.cache[key] = (ids[:k], ids[k + 1:])
+        return self.cache[key]
+
+    def encode(self, questions: list[list[tuple[str, int, str]]], n_frames: int, device) -> dict:
+        """Questions of B videos (Q each) -> prefix (B, P), question ids (B*Q, L) with letter + EOS, targets."""
+        seqs, answers = [], []
+        head = None
+        for qs in questions:
+            for text, answer, qtype in qs:
+                options = tuple(lv.COUNT_OPTIONS) if qtype == "count" else tuple(COLORS)
+                head, tail = self.split(text, options)
+                seqs.append(tail + [self.letter_ids[answer], self.tok.eos_token_id])
+                answers.append(answer)
+        width = max(len(s) for s in seqs)
+        lengths = torch.tensor([len(s) for s in seqs], device=device)
+        q_ids = torch.tensor([s + [self.tok.pad_token_id] * (width - len(s)) for s in seqs], device=device)
+        prefix = torch.tensor(head + [self.video_id] * (n_frames * LONG_TPF), device=device)
+        prefix = prefix.expand(len(questions), -1)
+        return {"prefix": prefix, "q_ids": q_ids, "lengths": lengths,
+                "answers": torch.tensor(answers, device=device), "n_q": len(questions[0])}
+
+
+def video_embeddings(model, prefix: torch.Tensor, pixel: torch.Tensor) -> torch.Tensor:
+    """Token embeddings of the prefix (B, P) with the video features at the video tokens, (B, P, hidden)."""
+    cfg = model.config
+    lm = model.model.language_model
+    embeds = lm.get_input_embeddings()(prefix)
+    feats = model.model.get_video_features(pixel, vision_feature_layer=cfg.vision_feature_layer,
+                                           vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                           return_dict=True).pooler_output
+    hidden = embeds.shape[-1]
+    feats = torch.cat([f.reshape(-1, hidden) for f in feats]) if isinstance(feats, (list, tuple)) else \
+        feats.reshape(-1, hidden)
+    mask = (prefix == cfg.video_token_index)[..., None]
+    return embeds.masked_scatter(mask, feats.to(embeds.dtype))
+
+
+def question_logits(model, pixel: torch.Tensor, enc: dict) -> torch.Tensor:
+    """Logits over every question's tokens, (B*Q, L, vocab): the video prefix runs once, its cache is
+    repeated Q times, and each question (right-padded; padding comes after its answer) attends to it."""
+    from transformers import DynamicCache
+
+    lm = model.model.language_model
+    prefix, q_ids, n_q = enc["prefix"], enc["q_ids"], enc["n_q"]
+    out = lm(inputs_embeds=video_embeddings(model, prefix, pixel), use_cache=True)
+    cache = DynamicCache(config=lm.config)
+    for i, layer in enumerate(out.past_key_values.layers):  # (B, kv, P, d) -> (B*Q, kv, P, d)
+        cache.update(layer.keys.repeat_interleave(n_q, 0), layer.values.repeat_interleave(n_q, 0), i)
+    p, width = prefix.shape[1], q_ids.shape[1]
+    positions = torch.arange(p, p + width, device=q_ids.device).expand(q_ids.shape[0], -1)
+    hidden = lm(inputs_embeds=lm.get_input_embeddings()(q_ids), past_key_values=cache, position_ids=positions,
+                use_cache=True).last_hidden_state
+    return model.lm_head(hidden)
+
+
+def long_loss(logits: torch.Tensor, enc: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the answer letter and EOS, and whether the letter is the argmax (B*Q,)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    at_letter = enc["lengths"] - 3  # the position whose next token is the letter
+    letter_logits, eos_logits = logits[rows, at_letter].float(), logits[rows, at_letter + 1].float()
+    q_ids = enc["q_ids"]
+    loss = (F.cross_entropy(letter_logits, q_ids[rows, at_letter + 1])
+            + F.cross_entropy(eos_logits, q_ids[rows, at_letter + 2])) / 2
+    return loss, letter_logits.argmax(-1) == q_ids[rows, at_letter + 1]
+
+
+def long_pixels(frames: np.ndarray | torch.Tensor, device, seed: int | None) -> torch.Tensor:
+    """(B, N, S, S, 3) uint8 -> codec-like (seeded) and CLIP-normalised (B, N, 3, S, S) float."""
+    x = torch.as_tensor(frames).to(device, non_blocking=True)
+    gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    return normalize(codec_like(x, gen))
+
+
+@dataclass
+class EvalSet:
+    videos: list
+    frames: np.ndarray  # (V, N, S, S, 3) uint8, codec-like with a fixed seed (what an mp4 round trip gives)
+
+
+def build_eval_set(split: str, n_videos: int, n_frames: int) -> EvalSet:
+    videos = lv.make_split(split, n_videos)
+    raw = np.stack([lv.render(v, lv.sample_frames(v.num_frames, n_frames)) for v in videos])
+    gen = torch.Generator().manual_seed(lv.SPLIT_BASE[split] % 2**31 + 1)
+    noisy = codec_like(torch.from_numpy(raw), gen).to(torch.uint8).numpy()
+    return EvalSet(videos, noisy)
+
+
+@torch.no_grad()
+def evaluate_fast(model, encoder: LongEncoder, es: EvalSet, device, batch: int = 8) -> dict:
+    """Full-cache accuracy by the greedy first token (= the letter the decoder would emit), per type."""
+    model.eval()
+    hits: dict[str, list[bool]] = {q: [] for q in lv.QUESTION_TYPES}
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else \
+        torch.autocast("cpu", enabled=False)
+    for i in range(0, len(es.videos), batch):
+        vids = es.videos[i:i + batch]
+        qs = [[(q["question"], q["correct_choice"], q["question_category"]) for q in lv.make_questions(v)]
+              for v in vids]
+        enc = encoder.encode(qs, es.frames.shape[1], device)
+        with amp:
+            logits = question_logits(model, normalize(torch.as_tensor(es.frames[i:i + batch]).to(device).float()), enc)
+        _, right = long_loss(logits, enc)
+        for (_, _, qtype), ok in zip([q for row in qs for q in row], right.tolist()):
+            hits[qtype].append(ok)
+    model.train()
+    by_type = {q: float(np.mean(h)) for q, h in hits.items()}
+    return {"acc": float(np.mean([x for h in hits.values() for x in h])), "by_type": by_type,
+            "min_type": min(by_type.values()), "n": sum(len(h) for h in hits.values())}
+
+
+def final_test(model_dir: Path, es: EvalSet, device, budget: float, update_interval: int = 256) -> dict:
+    """The test set, once: full cache vs recency at `budget` through the suite's memory (greedy decoding,
+    lmms-eval parser), with a paired bootstrap over videos."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    from adapters.llava_next_video import LlavaNextVideoAdapter
+    from tasks.video_bench import parse_predictions
+    from transfer.policies import make_policy
+    from transfer.stats import PairedBootstrap, verdict
+
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    model = LlavaNextVideoForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device)
+    adapter = LlavaNextVideoAdapter(model, TinyVideoProcessor.from_pretrained(model_dir))
+    policies = {"full": lambda: make_policy("full"),
+                f"recency@{budget}": lambda: make_policy("recency", budget=budget, protect_recent=32)}
+    units: dict[str, list] = {}
+    result: dict = {"n_videos": len(es.videos), "frames": int(es.frames.shape[1]), "update_interval": update_interval,
+                    "protect_recent": 32, "chance": 1 / lv.N_OPTIONS, "majority_letter": 1 / lv.N_OPTIONS}
+    for label, factory in policies.items():
+        t0 = time.time()
+        rows, kept = [], []
+        for video, frames in zip(es.videos, es.frames):
+            records = lv.lvb_records(video)
+            prompts = [lvb_prompt(r["question"], r["candidates"]) for r in records]
+            memory = adapter.new_memory(factory(), update_interval=update_interval)
+            replies, k = adapter.answer_many(memory, frames, prompts, max_new_tokens=4)
+            kept += k
+            exs = [_Example(r["id"], LETTERS[r["correct_choice"]], r["candidates"]) for r in records]
+            letters = parse_predictions(exs, replies, "longvideobench", 0)
+            rows += [(r, letter, reply) for r, letter, reply in zip(records, letters, replies)]
+        correct = [letter == LETTERS[r["correct_choice"]] for r, letter, _ in rows]
+        by_type = {q: float(np.mean([c for (r, _, _), c in zip(rows, correct) if r["question_category"] == q]))
+                   for q in lv.QUESTION_TYPES}
+        result[label] = {"acc": float(np.mean(correct)), "by_type": by_type, "min_type": min(by_type.values()),
+                         "kept_fraction": float(np.mean(kept)), "seconds": round(time.time() - t0, 1),
+                         "predicted_letters": {x: sum(letter == x for _, letter, _ in rows) for x in LETTERS}}
+        units[label] = [("", r["video_id"], r["id"], float(c)) for (r, _, _), c in zip(rows, correct)]
+        print(f"test {label}: acc {result[label]['acc']:.3f} by type {by_type} kept "
+              f"{result[label]['kept_fraction']:.3f} ({result[label]['seconds']} s)", flush=True)
+    table = PairedBootstrap(units)
+    full, rec = list(policies)
+    delta = table.diff(full, rec)
+    result["full_minus_recency"] = {"delta": delta[0], "ci95": [delta[1], delta[2]], "verdict": verdict(delta),
+                                    "n_units": table.n_units, "full_ci95": list(table.ci(full)),
+                                    "recency_ci95": list(table.ci(rec))}
+    print(f"test full - {rec}: {delta[0]:+.3f} [{delta[1]:+.3f}, {delta[2]:+.3f}] ({verdict(delta)}, "
+          f"{table.n_units} videos)", flush=True)
+    return result
+
+
+@dataclass
+class _Example:
+    """What tasks.video_bench.parse_predictions reads of an example."""
+
+    id: str
+    answer_letter: str
+    options: list
+
+
+def save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(out: Path, resume_from: str, device) -> dict | None:
+    """<out>/train_state.pt, else the file or its .partNN pieces in `resume_from` (as --export wrote them)."""
+    path = out / "train_state.pt"
+    if not path.is_file() and resume_from:
+        src = Path(resume_from)
+        parts = sorted(src.glob("train_state.pt.part*"))
+        if (src / "train_state.pt").is_file():
+            path = src / "train_state.pt"
+        elif parts:
+            with open(out / "train_state.pt.tmp", "wb") as f:
+                for part in parts:
+                    f.write(part.read_bytes())
+            os.replace(out / "train_state.pt.tmp", path)
+        else:
+            raise FileNotFoundError(f"{src}: no train_state.pt or train_state.pt.part* to resume from")
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def export(out: Path, dest: str) -> None:
+    """At most 8 files of at most 15 MiB for $OUT: model.tar.gz, train_state.pt.partNN, log, metrics."""
+    import tarfile
+
+    dest_dir = Path(dest)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    if (out / "model").is_dir():
+        with tarfile.open(dest_dir / "model.tar.gz", "w:gz") as tar:
+            tar.add(out / "model", arcname="model")
+    state = out / "train_state.pt"
+    if state.is_file():
+        data = state.read_bytes()
+        for i in range(0, len(data), STATE_PART_BYTES):
+            (dest_dir / f"train_state.pt.part{i // STATE_PART_BYTES:02d}").write_bytes(data[i:i + STATE_PART_BYTES])
+    for name in ("train_log.jsonl", "train_metrics.json"):
+        if (out / name).is_file():
+            shutil.copy(out / name, dest_dir / name)
+    files = list(dest_dir.iterdir())
+    if len(files) > 8 or any(f.stat().st_size > 16 * 2**20 for f in files):
+        raise RuntimeError(f"{dest_dir}: export breaks $OUT's limits (8 files, 16 MiB each)")
+
+
+def main_long(args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """Train on the long-video stream, select on validation, score the test set once (see the section note)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    tokenizer = build_long_tokenizer()
+    processor = TinyVideoProcessor(tokenizer, size=lv.SIZE, patch_size=LONG_PATCH)
+    encoder = LongEncoder(tokenizer)
+    eval_frames = int(args.eval_frames) if args.eval_frames else LONG_EVAL_FRAMES
+    argv_list = ["python", "-m", "train.video", *(sys.argv[1:] if argv is None else argv)]
+    log_path = out / "train_log.jsonl"
+
+    def log(record: dict) -> None:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    if args.eval_only:
+        return finish_long(out, args, argv_list, device, eval_frames, None)
+    model = build_long_model(tokenizer, args).to(device)
+    if args.init:
+        from transformers import LlavaNextVideoForConditionalGeneration
+
+        model.load_state_dict(LlavaNextVideoForConditionalGeneration.from_pretrained(args.init).state_dict())
+        print(f"initialised from {args.init}", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    step, elapsed_before, best, ema = 0, 0.0, {"acc": -1.0, "step": -1}, {}
+    state = load_state(out, args.resume_from, device) if (args.resume or args.resume_from) else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed_before, best, ema = state["step"], state["elapsed"], state["best"], state["ema"]
+        if args.steps not in (0, state["steps"]):
+            raise ValueError(f"the checkpoint is of a {state['steps']}-step run, not --steps {args.steps}")
+        args.steps = state["steps"]
+        print(f"resumed at step {step}/{args.steps}", flush=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M params, vocab {len(tokenizer)}, {LONG_TPF} tokens/frame, "
+          f"context {LONG_CONTEXT}, device {device}", flush=True)
+    on_gpu = device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
+    budget = args.frame_budget or 2048
+    if args.steps <= 0:  # fit the schedule into --max-minutes, once; a resumed run keeps its step count
+        if not args.time_budget:
+            raise ValueError("error: --task long needs --steps N, or --steps 0 with --max-minutes")
+        probe_stages = parse_curriculum(args.curriculum, 10**9)
+        seconds = probe_seconds(model, encoder, probe_stages, budget, device, amp)
+        args.steps = fit_steps(probe_stages, seconds, args.time_budget)
+        print(f"probe: {' / '.join(f'{x * 1000:.0f}' for x in seconds)} ms a step per stage -> {args.steps} steps "
+              f"in {args.time_budget / 60:.1f} min", flush=True)
+    stages = parse_curriculum(args.curriculum, args.steps)
+    val = build_eval_set("val", args.val_videos, eval_frames)
+    loader = torch.utils.data.DataLoader(
+        LongStream(args.seed, stages, budget, args.steps), batch_size=None, sampler=range(step, args.steps),
+        num_workers=args.workers, collate_fn=_identity, pin_memory=on_gpu,
+        prefetch_factor=4 if args.workers else None, persistent_workers=False)
+    t_start = time.time()
+
+    def checkpoint() -> None:
+        save_state(out / "train_state.pt", {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                                            "steps": args.steps, "elapsed": elapsed_before + time.time() - t_start,
+                                            "best": best, "ema": ema})
+
+    def validate() -> None:
+        m = evaluate_fast(model, encoder, val, device)
+        score = m["acc"] + m["min_type"]  # overall and the weakest type both count (the targets do)
+        better = score > best["acc"]
+        print(f"val step {step}: acc {m['acc']:.3f} min-type {m['min_type']:.3f} {m['by_type']}"
+              f"{' (best so far)' if better else ''}", flush=True)
+        log({"step": step, "val": m})
+        if better:
+            best.update(acc=score, step=step, val=m)
+            model.save_pretrained(out / "model", safe_serialization=True)
+            processor.save_pretrained(out / "model")
+
+    model.train()
+    stopped = False
+    for batch in loader:
+        assert batch["step"] == step, (batch["step"], step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        frames = torch.as_tensor(batch["frames"])
+        enc = encoder.encode(batch["questions"], frames.shape[1], device)
+        pixel = long_pixels(frames, device, args.seed * 10**7 + step)
+        with amp:
+            logits = question_logits(model, pixel, enc)
+        loss, right = long_loss(logits, enc)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        qtypes = [q for row in batch["questions"] for _, _, q in row]
+        acc = {q: float(np.mean([r for r, t in zip(right.tolist(), qtypes) if t == q])) for q in lv.QUESTION_TYPES}
+        for key, value in [("loss", loss.item()), *acc.items()]:
+            ema[key] = value if key not in ema else 0.98 * ema[key] + 0.02 * value
+        if step % args.log_every == 0 or step == 1:
+            secs = elapsed_before + time.time() - t_start
+            print(f"step {step}/{args.steps} frames {frames.shape[1]}x{frames.shape[0]} loss {ema['loss']:.4f} "
+                  + " ".join(f"{q} {ema[q]:.2f}" for q in lv.QUESTION_TYPES)
+                  + f" lr {opt.param_groups[0]['lr']:.2e} {secs:.0f}s", flush=True)
+            log({"step": step, "seconds": round(secs, 1), "frames": int(frames.shape[1]), "batch_loss": loss.item(),
+                 **ema})
+        if step % args.eval_every == 0 or step == args.steps:
+            validate()
+        if args.save_every and step % args.save_every == 0:
+            checkpoint()
+        if args.time_budget and time.time() - t_start > args.time_budget and step < args.steps:
+            stopped = True
+            print(f"--max-minutes reached at step {step}", flush=True)
+            break
+    if stopped or step < args.steps:
+        checkpoint()
+        result = {"steps": step, "finished": False, "best": best, "params": n_params}
+        if args.export:
+            export(out, args.export)
+        return result
+    checkpoint()
+    return finish_long(out, args, argv_list, device, eval_frames,
+                       {"train_seconds": round(elapsed_before + time.time() - t_start, 1), "params": n_params,
+                        "best": best, "final_ema": ema})
+
+
+def finish_long(out: Path, args: argparse.Namespace, argv_list: list[str], device, eval_frames: int,
+                train: dict | None) -> dict:
+    """The one test evaluation of the validation-chosen model in <out>/model; metrics + PROVENANCE beside it."""
+    model_dir = out / "model"
+    if not (model_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{model_dir}: no model chosen on validation yet")
+    if train is None:  # --eval-only: what training recorded
+        old = out / "train_metrics.json"
+        train = json.loads(old.read_text())["train"] if old.is_file() else {}
+    test = final_test(model_dir, build_eval_set("test", args.test_videos, eval_frames), device, args.recency_budget)
+    metrics = {"task": "long", "train": train, "test": test, "eval_frames": eval_frames,
+               "tokens_per_frame": LONG_TPF, "context": LONG_CONTEXT, "args": vars(args), "argv": argv_list,
+               "device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    text = json.dumps(metrics, indent=2, default=str) + "\n"
+    (out / "train_metrics.json").write_text(text)
+    (model_dir / "train_metrics.json").write_text(text)
+    write_long_provenance(model_dir, metrics)
+    if args.export:
+        export(out, args.export)
+    return metrics
+
+
+def write_long_provenance(model_dir: Path, m: dict) -> None:
+    """PROVENANCE.md beside the chosen weights: data, split, command, selection and the one test result."""
+    a, t, test = m["args"], m["train"], m["test"]
+    full, rec = test["full"], test[f"recency@{a['recency_budget']}"]
+    d = test["full_minus_recency"]
+    types = lv.QUESTION_TYPES
+    lines = [
+        "# Tiny LLaVA-NeXT-Video for the long-video task (tasks/long_video.py)", "",
+        f"- command: `{shlex.join(str(x) for x in m['argv'])}`",
+        f"- made: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {m['device_name']}",
+        f"- {t.get('params', 0):,} parameters; {LONG_TPF} video tokens a frame (84 px, 7 px patches, 2x2 pooling),"
+        f" LM context {LONG_CONTEXT}; {a['steps']} steps, {t.get('train_seconds', '?')} s; curriculum "
+        f"`{a['curriculum']}`; frame budget {a['frame_budget'] or 2048}; AdamW peak lr {a['lr']} "
+        f"(warmup {a['warmup']}, cosine); seed {a['seed']}",
+        "- data: fresh training videos drawn on the fly (video seeds in [0, 1e12)), codec-like noise; "
+        f"validation: {a['val_videos']} videos (seeds from 1e12) chose the checkpoint (best overall + weakest type, "
+        f"step {t.get('best', {}).get('step')}); test: {a['test_videos']} videos (seeds from 2e12), scored once, below",
+        f"- evaluation: {m['eval_frames']} frames a video (lmms-eval sampling), {m['eval_frames'] * LONG_TPF} video "
+        "tokens; greedy decoding through the suite's memory, lmms-eval LongVideoBench parser; letters balanced "
+        "per type, so chance and always-one-letter are 0.20", "",
+        "| cache | overall | " + " | ".join(types) + " | kept |", "|---" * (len(types) + 3) + "|",
+    ]
+    for label, r in (("full", full), (f"recency {a['recency_budget']:.0%} (protect 32)", rec)):
+        lines.append(f"| {label} | {r['acc']:.3f} | " + " | ".join(f"{r['by_type'][q]:.3f}" for q in types)
+                     + f" | {r['kept_fraction']:.3f} |")
+    lines += ["", f"Full minus recency: {d['delta']:+.3f}, 95 % CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] "
+              f"(paired bootstrap over {d['n_units']} videos): {d['verdict']}."]
+    (model_dir / "PROVENANCE.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
