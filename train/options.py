@@ -18,22 +18,38 @@ PRESETS: dict[str, dict[str, Any]] = {
     # shipped LM solves with its full cache, at lengths where the full cache starts to fail.
     "gpu": dict(stages=["niah_single,vt", "niah_single,vt,fwe"], generations=[24, 16], popsize=32, prompts=16,
                 length=2048, update_interval=256),
+    # The reference's three stages (a retrieval task; + two; + the rest) on artifacts/lm/llama-8k-recall at
+    # 4k tokens, on the tasks it solves below ceiling (count 0.40, passage 0.85) or at ceiling at 4k but
+    # below it at 8k (fwe_decoy, fwe, niah_single); a 25 % recency cache loses 25-100 points on each.
+    # 100 generations; the reference's population; 32 prompts per task, to be checked with
+    # `--measure-noise` (train/EVOLVE_8K.md). 512 rows (members x prompts) per forward fit an H200.
+    "gpu-8k": dict(stages=["passage", "passage,count,fwe_decoy", "passage,count,fwe_decoy,fwe,niah_single"],
+                   generations=[30, 30, 40], popsize=32, prompts=32, length=4096, update_interval=256,
+                   batch_size=512, model=str(DEFAULT_LM.parent / "llama-8k-recall")),
 }
 
 
 def add_evolve_arguments(p: argparse.ArgumentParser) -> None:
     """`evolve`: CMA-ES over the NAMM's parameters on a causal LM."""
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
-                   help="cpu-small: a few generations on the CPU in minutes; gpu: the shipped NAMM's recipe")
-    p.add_argument("--model", default=str(DEFAULT_LM), help="HF causal LM id or path")
+                   help="cpu-small: a few generations on the CPU in minutes; gpu: the shipped NAMM's recipe; "
+                        "gpu-8k: three stages, 100 generations on llama-8k-recall at 4k tokens")
+    p.add_argument("--model", default=None, help="HF causal LM id or path (default: the preset's, else the shipped LM)")
     p.add_argument("--stages", nargs="+", help="tasks per stage, e.g. mqar mqar,niah_multikey (overrides preset)")
     p.add_argument("--generations", nargs="+", type=positive_int, help="generations per stage (overrides preset)")
     p.add_argument("--popsize", type=positive_int, help="CMA-ES population size (overrides preset)")
     p.add_argument("--prompts", type=positive_int, help="prompts per task per generation")
     p.add_argument("--length", type=positive_int, help="prompt length in tokens")
     p.add_argument("--update-interval", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="rows (CMA-ES members x prompts) per forward pass (default: preset's, else 16)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="one evolution per seed, each in OUT/seed-N with its curve; "
+                        "OUT/fitness_seeds.png overlays them")
+    p.add_argument("--measure-noise", type=positive_int, default=None, metavar="K",
+                   help="instead of evolving: evaluate generation 1's population on K fresh prompt draws and "
+                        "write the fitness noise next to the population's spread to OUT/noise.json")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--out", default="runs/evolve", help="output directory; rerun the same command to resume")
     p.add_argument("--max-minutes", type=positive_float, default=None, help="stop (checkpointed) after this wall time")
