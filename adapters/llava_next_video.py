@@ -213,10 +213,11 @@ _warned_fallback = False
 def load_processor(path: str | Path) -> Any:
     """HF's ``LlavaNextVideoProcessor``; ``TinyVideoProcessor`` only for our tiny model where HF's cannot be built.
 
-    HF's video processor needs torchvision (absent from the tested CPU stack). That ImportError, for a
-    folder our trainer wrote, is the one case that falls back, with a warning printed once; any other
-    failure (a broken config, a real checkpoint without torchvision) is a one-line error, because a
-    silently substituted processor would preprocess a real model's frames wrongly.
+    HF's video processor needs torchvision (absent from the tested CPU stack and the GPU machine). That
+    ImportError is the one case that falls back, with a warning printed once: to ``TinyVideoProcessor``
+    for a folder our trainer wrote, to ``TorchLlavaNextVideoProcessor`` (HF's steps in torch, from the
+    checkpoint's own configs; a setting it cannot honour is an error) for a real checkpoint. Any other
+    failure (a broken config) is a one-line error, never a silently substituted processor.
     """
     global _warned_fallback
     try:
@@ -224,9 +225,16 @@ def load_processor(path: str | Path) -> Any:
 
         return LlavaNextVideoProcessor.from_pretrained(path)
     except ImportError as e:
-        if not is_tiny_model_dir(path):
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{path}: LlavaNextVideoProcessor cannot be built ({first}); install torchvision") from e
+        if not is_tiny_model_dir(path):  # a real checkpoint: HF's steps re-done in torch from its own configs
+            from adapters.torch_video_processor import TorchLlavaNextVideoProcessor
+
+            proc = TorchLlavaNextVideoProcessor.from_pretrained(path)
+            if not _warned_fallback:
+                print(f"warning: transformers' LlavaNextVideoProcessor is unavailable ({type(e).__name__}: "
+                      "torchvision missing?); using TorchLlavaNextVideoProcessor, HF's resize/crop/normalise "
+                      f"steps in torch from {proc.source}", file=sys.stderr, flush=True)
+                _warned_fallback = True
+            return proc
         if not _warned_fallback:
             print(f"warning: transformers' LlavaNextVideoProcessor is unavailable ({type(e).__name__}: "
                   "torchvision missing?); using the torch-only TinyVideoProcessor for this project's tiny model "

@@ -81,18 +81,24 @@ def domain_options(parser: argparse.ArgumentParser, options: dict[str, Any], whe
     return args
 
 
+def domain_args(preset: str, out: Path, namm: str | None, domain: str, config: dict[str, Any] | None = None,
+                extra: dict[str, Any] | None = None) -> tuple[Any, argparse.Namespace]:
+    """(evaluator module, its Namespace): the preset, then the common options, then the --config section."""
+    module, parser = domain_parser(domain)
+    options = {**PRESETS[preset][domain], "policies": POLICIES[preset], "budget": BUDGETS[preset], "namm": namm,
+               **(extra or {}), **(config or {}).get(domain, {}), "out": str(out / "runs" / domain)}
+    return module, domain_options(parser, options, f"--config {domain}")
+
+
 def run_domains(preset: str, out: Path, namm: str | None, domains: list[str], config: dict[str, Any] | None = None,
                 extra: dict[str, Any] | None = None) -> dict[str, dict[str, dict]]:
     """{domain: {policy label: metrics}}: every domain through its own evaluator, one shape of result."""
-    common = {"policies": POLICIES[preset], "budget": BUDGETS[preset], "namm": namm, **(extra or {})}
     results: dict[str, dict[str, dict]] = {}
     for i, domain in enumerate(domains, 1):
-        module, parser = domain_parser(domain)
-        options = {**PRESETS[preset][domain], **common, **(config or {}).get(domain, {}),
-                   "out": str(out / "runs" / domain)}
+        module, args = domain_args(preset, out, namm, domain, config, extra)
         t0 = time.time()
         line(f"reproduce: domain {i} of {len(domains)}, {domain}, started")
-        results[domain] = module.run(domain_options(parser, options, f"--config {domain}"))
+        results[domain] = module.run(args)
         line(f"reproduce: domain {i} of {len(domains)}, {domain}, finished in {duration(time.time() - t0)}")
     return results
 
@@ -451,16 +457,20 @@ def run(args: argparse.Namespace) -> int:
     for domain in domains:  # every option checked before any run starts
         _, parser = domain_parser(domain)
         domain_options(parser, config.get(domain, {}), f"--config {args.config} [{domain}]")
-    results = run_domains(args.preset, out, args.namm, domains, config, {"controls": args.controls})
+    extra = {"controls": args.controls}
+    results = run_domains(args.preset, out, args.namm, domains, config, extra)
     report.mkdir(parents=True, exist_ok=True)
     from transfer.runner import RunOptions
 
-    header = RunOptions().header()
+    headers = {d: RunOptions.from_args(domain_args(args.preset, out, args.namm, d, config, extra)[1]).header()
+               for d in domains}  # each domain's own schedule (a --config may set its update interval)
+    same = len(set(headers.values())) == 1
+    header = headers[domains[0]] if same else "; ".join(f"{d}: {h}" for d, h in headers.items())
     write_table(report / "cross_domain", *cross_domain_table(results), f"Protection and schedule: {header}.")
     write_table(report / "comparisons", *comparisons(results), "The evolved NAMM minus each row, paired bootstrap.")
     write_table(report / "controls", *controls_table(results), "Random-parameter NAMMs at the evolved NAMM's scale.")
     for domain, res in results.items():
-        write_table(report / f"table_{domain}", *domain_table(domain, res), f"{domain}. {header}.")
+        write_table(report / f"table_{domain}", *domain_table(domain, res), f"{domain}. {headers[domain]}.")
     (report / "findings.md").write_text("\n".join(findings(results)) + "\n")
     (report / "results.csv").write_text(raw_csv(results))
     plot_curves(results, report / "score_vs_kept.png")
