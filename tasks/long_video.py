@@ -211,6 +211,15 @@ def render(video: LongVideo, indices: np.ndarray | list[int] | None = None, size
     return np.where(inside[..., None], color[:, None, None, :], _BG)  # (N, H, W, 3)
 
 
+def frame_colors(video: LongVideo, indices: np.ndarray | list[int]) -> np.ndarray:
+    """Palette index of the object visible in each frame of `indices`, -1 where the frame is blank, (N,)."""
+    idx = np.asarray(indices, dtype=np.int64)
+    starts, ends = np.array(video.starts), np.array(video.ends)
+    obj = np.clip(np.searchsorted(starts, idx, side="right") - 1, 0, None)
+    visible = (idx >= starts[obj]) & (idx < ends[obj])
+    return np.where(visible, np.array(video.colors)[obj], -1)
+
+
 def sample_frames(num_frames: int, n: int) -> np.ndarray:
     """The evaluator's (lmms-eval) rule: n indices uniform over a video's frames."""
     return np.linspace(0, num_frames - 1, n, dtype=int)

@@ -94,6 +94,15 @@ def test_video_structure(val):
         assert spans[v.big] <= 6  # the needle is a short span
         a, b = v.order_pair
         assert a != b and v.answers["order"] in (a, b)
+    # the trainer's auxiliary per-frame targets are what the pixels show (-1: a blank frame)
+    v = val[3]
+    idx = lv.sample_frames(v.num_frames, 64)
+    frames = lv.render(v, idx).astype(int)
+    on = np.abs(frames - lv._BG.astype(int)).sum(-1).reshape(len(idx), -1).max(1) > 60
+    colors = lv.frame_colors(v, idx)
+    assert ((colors >= 0) == on).all() and 0 < on.sum() < len(idx)
+    for t in np.flatnonzero(on):
+        assert (frames[t] == lv._PAL[colors[t]]).all(-1).any()
     # 36 tokens a frame: 64-128 frames are 2304-4608 video tokens (the 2k-8k the issue asks for)
     assert (lv.SIZE // 7) ** 2 // 4 * min(lv.OFFICIAL_FRAMES) >= 2048
     assert (lv.SIZE // 7) ** 2 // 4 * max(lv.OFFICIAL_FRAMES) <= 8192

@@ -190,6 +190,12 @@ def test_long_question_logits_match_one_sequence():
             # the target letter sits where long_loss reads it
             assert int(enc["q_ids"][r, n - 2]) == tok.convert_tokens_to_ids("ABCDE"[batch["questions"][v][q][1]])
         loss, right = long_loss(logits, enc)
+        # the auxiliary head reads each frame's last video token of the same prefix run
+        ends = LongEncoder.frame_ends(enc, 32)
+        assert ends[0] == 3 + 35 and ends[-1] == enc["prefix"].shape[1] - 1
+        same, frame_logits = question_logits(model, pixel, enc, ends)
+        full = model(input_ids=enc["prefix"][1:2], pixel_values_videos=pixel[1:2]).logits[0]
+        assert torch.equal(same, logits) and torch.allclose(frame_logits[1], full[ends], atol=1e-4)
     assert right.shape == (10,) and 3.0 < loss.item() < 6.0  # ~ln(vocab) untrained
 
 
