@@ -26,6 +26,7 @@ import torch
 from transformers import PreTrainedModel
 
 from adapters.base import Adapter, greedy_decode
+from adapters.torch_video_processor import encode_video_prompts
 from transfer.memory import KVMemory
 
 # ------------------------------------------------------------------------------------ runtime of the tiny model
@@ -131,25 +132,7 @@ class TinyVideoProcessor:
         return (x - mean) / std
 
     def __call__(self, text: str | list[str], videos: Any = None, return_tensors: str = "pt") -> dict:
-        texts = [text] if isinstance(text, str) else list(text)
-        vids = [] if videos is None else ([videos] if np.asarray(videos[0]).ndim == 3 else list(videos))
-        n_placeholders = sum(t.count(self.video_token) for t in texts)
-        if n_placeholders != len(vids):
-            raise ValueError(f"{n_placeholders} {self.video_token} placeholders but {len(vids)} videos")
-        pixel = [self.preprocess_video(v) for v in vids]
-        expanded, k = [], 0
-        for t in texts:
-            parts = t.split(self.video_token)
-            out = parts[0]
-            for p in parts[1:]:
-                out += self.video_token * (pixel[k].shape[0] * self.tokens_per_frame) + p
-                k += 1
-            expanded.append(out)
-        enc = self.tokenizer(expanded, return_tensors="pt", padding=True)
-        result = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if pixel:
-            result["pixel_values_videos"] = torch.stack(pixel)  # (videos, F, 3, H, W)
-        return result
+        return encode_video_prompts(self, text, videos)
 
     def batch_decode(self, ids: Any, **kw: Any) -> list[str]:
         return self.tokenizer.batch_decode(ids, **kw)

@@ -62,6 +62,31 @@ def center_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return frames[..., top : top + height, left : left + width]
 
 
+def encode_video_prompts(processor: Any, text: str | list[str], videos: Any = None) -> dict:
+    """What `LlavaNextVideoProcessor(text=..., videos=..., return_tensors="pt")` returns, for any processor with
+    `preprocess_video`, `tokens_per_frame`, `video_token` and `tokenizer`: each placeholder becomes
+    frames x tokens_per_frame video tokens, the frames become `pixel_values_videos` (videos, F, 3, H, W)."""
+    texts = [text] if isinstance(text, str) else list(text)
+    vids = [] if videos is None else ([videos] if np.asarray(videos[0]).ndim == 3 else list(videos))
+    n_placeholders = sum(t.count(processor.video_token) for t in texts)
+    if n_placeholders != len(vids):
+        raise ValueError(f"{n_placeholders} {processor.video_token} placeholders but {len(vids)} videos")
+    pixel = [processor.preprocess_video(v) for v in vids]
+    expanded, k = [], 0
+    for t in texts:
+        parts = t.split(processor.video_token)
+        out = parts[0]
+        for p in parts[1:]:
+            out += processor.video_token * (pixel[k].shape[0] * processor.tokens_per_frame) + p
+            k += 1
+        expanded.append(out)
+    enc = processor.tokenizer(expanded, return_tensors="pt", padding=len(expanded) > 1)
+    result = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if pixel:
+        result["pixel_values_videos"] = torch.stack(pixel)  # (videos, F, 3, H, W)
+    return result
+
+
 @dataclass
 class TorchLlavaNextVideoProcessor:
     """Callable as `LlavaNextVideoProcessor(text=..., videos=..., return_tensors="pt")` for video inputs."""
@@ -126,25 +151,7 @@ class TorchLlavaNextVideoProcessor:
         return (x * self.rescale_factor - mean) / std
 
     def __call__(self, text: str | list[str], videos: Any = None, return_tensors: str = "pt") -> dict:
-        texts = [text] if isinstance(text, str) else list(text)
-        vids = [] if videos is None else ([videos] if np.asarray(videos[0]).ndim == 3 else list(videos))
-        if sum(t.count(self.video_token) for t in texts) != len(vids):
-            raise ValueError(f"{sum(t.count(self.video_token) for t in texts)} {self.video_token} placeholders "
-                             f"but {len(vids)} videos")
-        pixel = [self.preprocess_video(v) for v in vids]
-        expanded, k = [], 0
-        for t in texts:
-            parts = t.split(self.video_token)
-            out = parts[0]
-            for p in parts[1:]:
-                out += self.video_token * (pixel[k].shape[0] * self.tokens_per_frame) + p
-                k += 1
-            expanded.append(out)
-        enc = self.tokenizer(expanded, return_tensors="pt", padding=len(expanded) > 1)
-        result = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if pixel:
-            result["pixel_values_videos"] = torch.stack(pixel)  # (videos, F, 3, H, W)
-        return result
+        return encode_video_prompts(self, text, videos)
 
     def batch_decode(self, ids: Any, **kw: Any) -> list[str]:
         return self.tokenizer.batch_decode(ids, **kw)

@@ -34,9 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -327,24 +324,17 @@ def write_lvb(split: str, out_dir: str | Path, n_videos: int | None = None, over
               lengths: tuple[int, ...] = OFFICIAL_FRAMES) -> Path:
     """``<out_dir>/videos/*.mp4`` + ``lvb_val.json`` (LongVideoBench layout, answers included), atomically."""
     from tasks.video_io import write_mp4
+    from transfer.atomic import atomic_dir
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir}: exists and is not empty (pass --overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # a kill leaves the old set, never a half-written one
         records = []
         for video in make_split(split, n_videos, lengths):
             write_mp4(tmp / "videos" / f"long_{video.seed}.mp4", render(video), fps=FPS)
             records += lvb_records(video)
         (tmp / "lvb_val.json").write_text(json.dumps(records, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,14 +179,13 @@ def sample_dataset(n_videos: int, seed: int, num_frames: int | None = None) -> l
 def generate_lvb(out_dir: str | Path, n_videos: int = 48, seed: int = 1234, overwrite: bool = False) -> Path:
     """Write ``<out_dir>/videos/*.mp4`` + ``lvb_val.json`` (LongVideoBench layout), atomically."""
     from tasks.video_io import write_mp4
+    from transfer.atomic import atomic_dir
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out_dir}: exists and is not empty (pass overwrite=True / --overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # a kill leaves the old set, never a half-written one
         records = []
         for v, (spec, questions) in enumerate(sample_dataset(n_videos, seed)):
             vid = f"synth_{seed}_{v:04d}"
@@ -204,12 +200,6 @@ def generate_lvb(out_dir: str | Path, n_videos: int = 48, seed: int = 1234, over
                     **qa,
                 })
         (tmp / "lvb_val.json").write_text(json.dumps(records, indent=1))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 
