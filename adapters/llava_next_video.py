@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from adapters.base import Adapter, greedy_decode
 from adapters.torch_video_processor import encode_video_prompts
+from transfer.atomic import read_json
 from transfer.memory import KVMemory
 
 # ------------------------------------------------------------------------------------ runtime of the tiny model
@@ -93,15 +94,7 @@ def resize_frames(frames: np.ndarray, size: int | None) -> np.ndarray:
 
 
 def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: video processor config not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid processor config ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: invalid processor config (expected a JSON object)")
-    return data
+    return read_json(path, "video processor config", dict)
 
 
 @dataclass

@@ -17,7 +17,6 @@ Each video placeholder becomes (crop_h // patch) * (crop_w // patch) // 4 video 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,18 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from transfer.atomic import read_json
+
 
 def _config(path: Path, names: tuple[str, ...]) -> tuple[dict, Path]:
     for name in names:
         file = path / name
         if file.is_file():
-            try:
-                data = json.loads(file.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}: invalid processor config ({e})") from e
-            if not isinstance(data, dict):
-                raise ValueError(f"{file}: invalid processor config (expected a JSON object)")
-            return data, file
+            return read_json(file, "processor config", dict), file
     raise FileNotFoundError(f"{path}: none of {', '.join(names)} found")
 
 

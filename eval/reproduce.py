@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from eval.tables import fmt, fmt_ci, fmt_delta, fmt_seeds, main_rows, to_csv, to_latex, to_markdown
-from transfer.atomic import write_json_atomic
+from transfer.atomic import read_json, write_json_atomic
 from transfer.log import duration, line
 from transfer.stats import PairedBootstrap, verdict
 
@@ -434,12 +434,7 @@ def load_config(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
     file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--config {file}: no such file")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--config {file}: not valid JSON ({err})") from None
+    config = read_json(file, "--config file", dict)
     unknown = set(config) - set(DOMAINS) - {k for k in config if k.startswith("_")}
     if unknown:
         raise ValueError(f"--config {file}: unknown domain(s) {sorted(unknown)}; use lm, rl, video")

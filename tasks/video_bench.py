@@ -9,12 +9,13 @@ no answers and is written in lmms-eval's submission format (``lvb_submission``).
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from transfer.atomic import read_json
 
 LETTERS = "ABCDE"
 LVB_POST_PROMPT = "Answer with the option's letter from the given choices directly.\n"
@@ -120,15 +121,7 @@ def extract_mlvu_answer(response: str, n_options: int) -> str:
 
 # ----------------------------------------------------------------------------------------------- loaders
 def _read_json(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: annotation json not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid json ({e})") from e
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of records, got {type(data).__name__}")
-    return data
+    return read_json(path, "annotation json", list)
 
 
 def _lvb_options(row: dict) -> list[str]:
@@ -215,14 +208,7 @@ def timestamp_to_seconds(timestamp: str) -> float:
 def load_subtitles(path: str | Path) -> list[dict]:
     """A LongVideoBench subtitle file: a JSON list in either format above; anything else is an error."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: subtitle file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid json ({e})") from e
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a list of subtitles, got {type(data).__name__}")
+    data = read_json(path, "subtitle file", list)
     for i, sub in enumerate(data):
         ok = isinstance(sub, dict) and (
             ("timestamp" in sub and "text" in sub and isinstance(sub["timestamp"], list) and len(sub["timestamp"]) == 2

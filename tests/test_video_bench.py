@@ -70,7 +70,7 @@ def test_lvb_errors(tmp_path):
     with pytest.raises(ValueError, match="lacks video_path, correct_choice"):
         load_longvideobench(tmp_path)
     (tmp_path / "lvb_val.json").write_text("{not json")
-    with pytest.raises(ValueError, match="invalid json"):
+    with pytest.raises(ValueError, match="invalid annotation json, not valid JSON"):
         load_longvideobench(tmp_path)
 
 
@@ -241,7 +241,7 @@ def test_bad_subtitle_files(tmp_path):
     with pytest.raises(ValueError, match="subtitle 0 is neither"):
         load_subtitles(tmp_path / "a.json")
     (tmp_path / "b.json").write_text(json.dumps({"text": "x"}))
-    with pytest.raises(ValueError, match="expected a list"):
+    with pytest.raises(ValueError, match="invalid subtitle file, expected a JSON list, got dict"):
         load_subtitles(tmp_path / "b.json")
     with pytest.raises(ValueError, match="bad subtitle timestamp"):
         interleave_subtitles(FRAME_TIMES, [{"start": "1.5", "end": "00:00:02.0", "line": "x"}], 0.0, 5.0)

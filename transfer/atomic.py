@@ -1,4 +1,4 @@
-"""Atomic writes: a file or a directory either appears whole at its path or not at all.
+"""Atomic writes (a file or a directory either appears whole at its path or not at all), and checked reads.
 
 Everything is built beside the target (same directory, so same filesystem) and renamed into place: a
 process killed mid-write leaves the old version (or nothing) plus a hidden temp entry, never half a file.
@@ -73,3 +73,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def read_json(path: str | os.PathLike, what: str = "json", expect: type | None = None) -> Any:
+    """A JSON file's content. A missing file, invalid JSON or (with `expect`) another top-level type is one
+    error line naming the file and `what` it should have been."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid {what}, not valid JSON ({err})") from None
+    if expect is not None and not isinstance(data, expect):
+        shape = {dict: "object", list: "list"}.get(expect, expect.__name__)
+        raise ValueError(f"{path}: invalid {what}, expected a JSON {shape}, got {type(data).__name__}")
+    return data
