@@ -53,7 +53,7 @@ from transfer.runner import process_device, process_state
 NAMM_CONFIG = NAMMConfig()  # the geometry evolved: the released BAM's (docs/namm-spec.md, section 9)
 # Where and how fast a run goes; every other option changes the evolved NAMM (the model enters by content).
 _NOT_IN_KEY = ("device", "out", "max_minutes", "model")
-_RUN_FILES = ("evolution.pkl", "log.json", "fitness.png", "config.json")
+_RUN_FILES = ("evolution.pkl", "log.json", "norm.json", "fitness.png", "config.json")
 SEED_DIR = "seed-{}"  # --seeds: one run folder per evolution seed under --out
 
 @dataclass
@@ -118,7 +118,7 @@ def _stored_key(stored: dict[str, Any]) -> dict[str, Any]:
 def check_resume(cfg: EvolveConfig) -> None:
     """Refuse to resume an evolution made with other options (a one-line error naming them)."""
     out = Path(cfg.out)
-    if not (out / "evolution.pkl").exists():
+    if not (out / "evolution.pkl").exists() and not _replayable(out):
         return  # nothing to resume; a config.json alone (a run that died before its first checkpoint) is replaced
     try:
         stored = json.loads((out / "config.json").read_text())
@@ -178,7 +178,6 @@ def _norm_stats(adapter: Any, tokenizer: Any, cfg: EvolveConfig) -> NormStats:
 
 
 def _evolve(cfg: EvolveConfig, state: Any) -> Path:
-    import cma
 
     started = time.time()
     out = Path(cfg.out)
@@ -195,6 +194,11 @@ def _evolve(cfg: EvolveConfig, state: Any) -> Path:
             ckpt["es"].opts["randn"] = ckpt["es"].sm.randn = np.random.randn
         if state.is_main_process:
             print(f"resuming {out}: stage {ckpt['stage'] + 1}, generation {ckpt['generation']}")
+    elif _replayable(out):
+        ckpt = replay(cfg, json.loads((out / "log.json").read_text()), _read_norm(out / "norm.json"))
+        if state.is_main_process:
+            print(f"resuming {out} by replaying its log (no evolution.pkl): stage {ckpt['stage'] + 1}, "
+                  f"generation {ckpt['generation']}")
     elif state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "config.json", {**asdict(cfg), "model_id": run_key(cfg)["model_id"]})
@@ -206,10 +210,7 @@ def _evolve(cfg: EvolveConfig, state: Any) -> Path:
     while ckpt["stage"] < len(cfg.stages):
         stage, tasks = ckpt["stage"], cfg.stages[ckpt["stage"]]
         if ckpt["es"] is None:
-            x0 = ckpt.get("mean_prev", np.zeros(n_params))
-            ckpt["es"] = cma.CMAEvolutionStrategy(
-                x0, cfg.sigma0, {"popsize": cfg.popsize, "seed": cfg.seed + stage, "verbose": -9}
-            )
+            ckpt["es"] = _new_strategy(cfg, stage, ckpt.get("mean_prev", np.zeros(n_params)))
         es = ckpt["es"]
         while ckpt["generation"] < cfg.generations[stage]:
             if cfg.max_minutes is not None and time.time() - started > 60 * cfg.max_minutes:
@@ -219,12 +220,7 @@ def _evolve(cfg: EvolveConfig, state: Any) -> Path:
                 return out / "namm"
             gen = ckpt["generation"]
             t0 = time.time()
-            np.random.seed(cfg.seed + 7919 * stage + gen)  # identical samples on every process and on resume
-            sampler_mean = np.array(es.mean, dtype=np.float64)  # the mean that samples this generation
-            starts = ckpt.setdefault("stage_start", [])  # each stage's starting mean, as CMA-ES holds it
-            if len(starts) == stage:
-                starts.append(sampler_mean)
-            members = es.ask()
+            sampler_mean, members = _ask(ckpt, cfg, stage, gen)
             examples = make_examples(tasks, cfg.prompts, cfg.length, cfg.seed + 100_003 * (stage + 1) + gen)
             full, _ = _stage_fitness(adapter, tokenizer, FullCache, examples, cfg)
             thetas = [sampler_mean, *members]  # 0: the CMA mean, then the members; all in batched passes
@@ -252,6 +248,8 @@ def _evolve(cfg: EvolveConfig, state: Any) -> Path:
             ckpt["log"].append(entry)
             ckpt["generation"] = gen + 1
             if state.is_main_process:
+                if len(ckpt["log"]) == 1:
+                    _write_norm(out / "norm.json", norm)
                 print(
                     f"stage {stage + 1} gen {gen + 1}/{cfg.generations[stage]}  best {entry['best_fitness']:.3f}  "
                     f"members {entry['mean_member_fitness']:.3f}  mean {entry['mean_fitness']:.3f}  "
@@ -259,8 +257,7 @@ def _evolve(cfg: EvolveConfig, state: Any) -> Path:
                     flush=True,
                 )
                 _save(out, ckpt, mean_theta, norm, cfg)
-        ckpt["mean_prev"] = np.asarray(es.mean)
-        ckpt["stage"], ckpt["generation"], ckpt["es"] = stage + 1, 0, None
+        _end_stage(ckpt, stage)
         if state.is_main_process:
             stage_mean = torch.tensor(ckpt["mean_prev"], dtype=torch.float32)
             _save(out, ckpt, stage_mean, norm, cfg, plot=False)  # the log did not change
@@ -268,6 +265,71 @@ def _evolve(cfg: EvolveConfig, state: Any) -> Path:
                       provenance={"made_by": "namm-transfer evolve", "config": asdict(cfg), "stage": stage + 1})
     state.wait_for_everyone()
     return out / "namm"
+
+
+def _new_strategy(cfg: EvolveConfig, stage: int, x0: np.ndarray) -> Any:
+    import cma
+
+    return cma.CMAEvolutionStrategy(x0, cfg.sigma0, {"popsize": cfg.popsize, "seed": cfg.seed + stage, "verbose": -9})
+
+
+def _ask(ckpt: dict, cfg: EvolveConfig, stage: int, gen: int) -> tuple[np.ndarray, list]:
+    """One generation's sampling mean and members, identical on every process, on resume and on replay."""
+    es = ckpt["es"]
+    np.random.seed(cfg.seed + 7919 * stage + gen)
+    sampler_mean = np.array(es.mean, dtype=np.float64)  # the mean that samples this generation
+    starts = ckpt.setdefault("stage_start", [])  # each stage's starting mean, as CMA-ES holds it
+    if len(starts) == stage:
+        starts.append(sampler_mean)
+    return sampler_mean, es.ask()
+
+
+def _end_stage(ckpt: dict, stage: int) -> None:
+    ckpt["mean_prev"] = np.asarray(ckpt["es"].mean)
+    ckpt["stage"], ckpt["generation"], ckpt["es"] = stage + 1, 0, None
+
+
+def replay(cfg: EvolveConfig, log: list[dict], norm: NormStats) -> dict[str, Any]:
+    """The checkpoint an evolution had after the generations in `log`, rebuilt without any LM call.
+
+    CMA-ES is deterministic given its samples and their fitness: each generation's samples come from a
+    seeded draw (`_ask`) and `log.json` holds every member's fitness, so telling the strategy the logged
+    fitness again reproduces its state exactly. This is how a run resumes where `evolution.pkl` (the full
+    covariance: ~280 MB for 4172 parameters) cannot be carried, e.g. from a GPU machine's 64 MiB of output.
+    """
+    n_params = param_size(NAMM_CONFIG)
+    ckpt: dict[str, Any] = {"stage": 0, "generation": 0, "es": None, "norm": norm, "log": []}
+    for entry in log:
+        stage, gen = entry["stage"] - 1, entry["generation"] - 1
+        if (stage, gen) != (ckpt["stage"], ckpt["generation"]):
+            raise ValueError(f"log.json: generation {entry['generation']} of stage {entry['stage']} is out of order")
+        if ckpt["es"] is None:
+            ckpt["es"] = _new_strategy(cfg, stage, ckpt.get("mean_prev", np.zeros(n_params)))
+        _, members = _ask(ckpt, cfg, stage, gen)
+        if len(members) != len(entry["member_fitness"]):
+            raise ValueError(f"log.json: {len(entry['member_fitness'])} fitness values for {len(members)} members")
+        ckpt["es"].tell(members, [-f for f in entry["member_fitness"]])
+        ckpt["log"].append(entry)
+        ckpt["generation"] = gen + 1
+        if ckpt["generation"] == cfg.generations[stage]:
+            _end_stage(ckpt, stage)
+    return ckpt
+
+
+def _replayable(out: Path) -> bool:
+    return (out / "log.json").is_file() and (out / "norm.json").is_file()
+
+
+def _write_norm(path: Path, norm: NormStats) -> None:
+    """The frozen statistics in full precision (the NAMM checkpoint stores float32): replay needs them exact."""
+    write_json_atomic(path, {"mean": norm.mean.double().tolist(), "var": norm.var.double().tolist(),
+                             "count": int(norm.count)})
+
+
+def _read_norm(path: Path) -> NormStats:
+    d = json.loads(path.read_text())
+    return NormStats(torch.tensor(d["mean"], dtype=torch.float64), torch.tensor(d["var"], dtype=torch.float64),
+                     int(d["count"]))
 
 
 def _save(out: Path, ckpt: dict, theta: torch.Tensor, norm: NormStats, cfg: EvolveConfig, plot: bool = True) -> None:
