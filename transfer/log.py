@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -156,15 +156,22 @@ def track(label: str, total: int, done: int = 0, step: tuple[int, int] | None = 
           log_file: Path | None = None, stream: IO[str] | None = None) -> Iterator[RunProgress]:
     """Show one run's progress (bars on a terminal, lines elsewhere) and keep its lines in `log_file`."""
     progress = RunProgress(label, total, done, step, log_file, stream)
-    if not is_terminal(stream):
+    with ExitStack() as bars:
+        if is_terminal(stream):
+            progress._bar = _terminal_bars(bars, progress.name, total, done, step, stream)
         progress.begin(done)
         try:
             yield progress
         except BaseException as error:
             progress.failed(error)
             raise
-        progress.finish()
-        return
+    progress._bar = None
+    progress.finish()
+
+
+def _terminal_bars(stack: ExitStack, name: str, total: int, done: int, step: tuple[int, int] | None,
+                   stream: IO[str] | None) -> object:
+    """rich bars for one run (and the overall run count), closed with `stack`; returns what `advance`s them."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -177,26 +184,18 @@ def track(label: str, total: int, done: int = 0, step: tuple[int, int] | None = 
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=Console(file=stream or sys.stderr), transient=True) as bars:
-        if step:
-            overall = bars.add_task(f"runs {step[0] - 1}/{step[1]} done", total=step[1], completed=step[0] - 1)
-        run_bar = bars.add_task(progress.name, total=total, completed=done)
+    bars = stack.enter_context(Progress(*columns, console=Console(file=stream or sys.stderr), transient=True))
+    if step:
+        overall = bars.add_task(f"runs {step[0] - 1}/{step[1]} done", total=step[1], completed=step[0] - 1)
+    run_bar = bars.add_task(name, total=total, completed=done)
 
-        class _Bar:  # the run's bar and the overall bar advance together
-            def advance(self, n: int) -> None:
-                bars.advance(run_bar, n)
-                if step:
-                    bars.advance(overall, n / max(total, 1))
+    class _Bar:  # the run's bar and the overall bar advance together
+        def advance(self, n: int) -> None:
+            bars.advance(run_bar, n)
+            if step:
+                bars.advance(overall, n / max(total, 1))
 
-        progress._bar = _Bar()
-        progress.begin(done)
-        try:
-            yield progress
-        except BaseException as error:
-            progress.failed(error)
-            raise
-    progress._bar = None
-    progress.finish()
+    return _Bar()
 
 
 def quiet_third_party(terminal: bool | None = None, load_transformers: bool = True) -> None:
