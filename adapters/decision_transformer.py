@@ -333,6 +333,62 @@ def rollout_sliding_window(model, env, target_return: float | None = None, conte
     return returns
 
 
+@torch.no_grad()
+def rollout_sliding_window_batch(model, envs: list[Any], target_return: float | None = None,
+                                 context: int | None = None, seeds: Sequence[int] = (0,),
+                                 device: str | torch.device = "cpu", max_steps: int | None = None) -> list[float]:
+    """`rollout_sliding_window` for one episode per env, all in lock-step (env i reset with seeds[i]): the
+    same returns as one call per episode (float64 model, float32 actions; tests/test_dt_adapter.py), in one
+    model call per env step instead of one per episode and step. `context` below the trained K is the
+    short-window reference of the memory protocol (eval/rl.py --window-steps)."""
+    if len(seeds) != len(envs):
+        raise ValueError(f"{len(seeds)} seeds for {len(envs)} environments")
+    model = rollout_model(model).to(device)
+    cfg = model.config
+    check_spaces(cfg, envs)
+    mean, std, scale = model_stats(model)
+    context = int(context or getattr(cfg, "context_length", None) or getattr(cfg, "max_length", 20))
+    target = float(target_return if target_return is not None else cfg.target_return)
+    horizon, n, dtype = int(max_steps or cfg.max_ep_len), len(envs), ROLLOUT_DTYPE
+    states = torch.zeros(n, horizon + 1, cfg.state_dim, dtype=dtype, device=device)
+    actions = torch.zeros(n, horizon, cfg.act_dim, dtype=dtype, device=device)
+    rtg = np.zeros((n, horizon + 1))
+    timesteps = torch.arange(horizon + 1, device=device).clamp(max=cfg.max_ep_len - 1)
+    obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)])
+    states[:, 0] = normalize_state(torch.as_tensor(obs, dtype=dtype, device=device), mean, std)
+    rtg[:, 0] = initial_rtg(target, scale)
+    returns, alive = np.zeros(n), np.ones(n, dtype=bool)
+    for t in range(horizon):
+        lo = max(0, t + 1 - context)
+        width = t + 1 - lo
+        pad = context - width
+        mask = torch.cat([torch.zeros(n, pad, dtype=torch.long, device=device),
+                          torch.ones(n, width, dtype=torch.long, device=device)], 1)
+
+        def left(x):  # (n, width, ...) -> (n, context, ...), zeros on the left (as window_inputs)
+            return torch.cat([torch.zeros((n, pad, *x.shape[2:]), dtype=x.dtype, device=device), x], 1)
+
+        rtg_t = torch.as_tensor(rtg[:, lo: t + 1], dtype=dtype, device=device)
+        inp = {"states": left(states[:, lo: t + 1]), "actions": left(actions[:, lo: t + 1]),
+               "rewards": torch.zeros(n, context, 1, dtype=dtype, device=device),
+               "returns_to_go": left(rtg_t).unsqueeze(-1),
+               "timesteps": left(timesteps[lo: t + 1].expand(n, width)), "attention_mask": mask}
+        action = env_action(model(**inp).action_preds[:, -1])
+        actions[:, t] = action
+        action_np = action.cpu().numpy()
+        for i, env in enumerate(envs):
+            if not alive[i]:
+                continue
+            o, r, term, trunc, _ = env.step(action_np[i])
+            returns[i] += float(r)
+            states[i, t + 1] = normalize_state(torch.as_tensor(o, dtype=dtype, device=device), mean, std)
+            rtg[i, t + 1] = update_rtg(float(rtg[i, t]), r, scale)
+            alive[i] = not (term or trunc)
+        if not alive.any():
+            break
+    return returns.tolist()
+
+
 # ----------------------------------------------------------------------------- cached rollout
 
 

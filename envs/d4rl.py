@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from envs.mujoco import ENV_SPECS, get_spec
+from envs.mujoco import ENV_SPECS, check_obs, get_spec
 
 REF_MIN_SCORE = {name: s.ref_min_score for name, s in ENV_SPECS.items()}
 REF_MAX_SCORE = {name: s.ref_max_score for name, s in ENV_SPECS.items()}
@@ -98,6 +98,24 @@ class Dataset:
     @property
     def state_std(self) -> np.ndarray:
         return self.state_stats()[1]
+
+
+def select_observations(data: Dataset, obs: str) -> Dataset:
+    """The dataset as seen through an observation variant (envs.mujoco.OBS_VARIANTS; "pos" = positions only,
+    the same indices `make_env(..., obs="pos")` keeps), so a DT trained on it runs in that env. The files
+    stay full-state; the variant is taken at load time and recorded in the metadata (`obs_variant`)."""
+    check_obs(obs)
+    if obs == "full":
+        return data
+    if data.env_name is None:
+        raise ValueError(f"observation variant {obs!r} needs the dataset's environment; pass --env")
+    spec = get_spec(data.env_name)
+    if data.obs_dim != spec.obs_dim:
+        raise ValueError(f"observation variant {obs!r}: the dataset has {data.obs_dim} observation entries, "
+                         f"{spec.name}'s full observation has {spec.obs_dim}")
+    idx = spec.obs_indices(obs)
+    episodes = [Episode(e.observations[:, idx], e.actions, e.rewards, e.terminals, e.timeouts) for e in data.episodes]
+    return Dataset(episodes, data.env_name, {**data.metadata, "obs_variant": obs, "obs_indices": str(idx)})
 
 
 def split_episodes(

@@ -245,6 +245,45 @@ def test_sliding_window_rollout_matches_hf_example():
         rollout_sliding_window(model, make_env("walker2d"), target_return=1.0, episodes=1, max_steps=2)
 
 
+def test_batched_sliding_window_equals_one_episode_at_a_time():
+    """The lock-step evaluator (one model call per env step for every episode) returns exactly what the
+    per-episode evaluator returns, for windows shorter and longer than the episode so far and for episodes
+    that end at different steps (with this action bias hopper falls after 24, 24 and 23 steps)."""
+    model = tiny_dt(seed=1, hidden=16, layers=1, heads=1)
+    with torch.no_grad():
+        model.predict_action[0].bias.fill_(1.0)
+    seeds = [5, 6, 7]
+    lengths = DecisionTransformerAdapter(model).rollout([make_env("hopper") for _ in seeds], lambda: make_policy("full"),
+                                                        3600.0, 32, seed=seeds, max_steps=60).lengths
+    assert lengths == [24, 24, 23]
+    for context in (3, 40):
+        batch = D.rollout_sliding_window_batch(model, [make_env("hopper") for _ in seeds], 3600.0, context, seeds,
+                                               max_steps=60)
+        one = [rollout_sliding_window(model, make_env("hopper"), 3600.0, context, episodes=1, seed=s, max_steps=60)[0]
+               for s in seeds]
+        assert batch == one
+    short = D.rollout_sliding_window_batch(model, [make_env("hopper")], 3600.0, 1, [5], max_steps=60)
+    assert short != D.rollout_sliding_window_batch(model, [make_env("hopper")], 3600.0, 40, [5], max_steps=60)
+    with pytest.raises(ValueError, match="2 seeds for 1 environments"):
+        D.rollout_sliding_window_batch(model, [make_env("hopper")], 1.0, 3, [1, 2])
+
+
+def test_position_only_model_runs_in_the_position_only_env():
+    model = tiny_dt(state_dim=5)  # hopper positions only
+    model.config.env_name, model.config.obs_variant = "hopper", "pos"
+    assert check_model(model.config).name == "hopper"
+    env = make_env("hopper", obs="pos")
+    rets = rollout_sliding_window(model, env, 3600.0, 4, episodes=1, seed=1, max_steps=5)
+    res = DecisionTransformerAdapter(model).rollout([make_env("hopper", obs="pos")], lambda: make_policy("full"),
+                                                    3600.0, 32, seed=1, max_steps=5)
+    assert np.isfinite(rets).all() and len(res.returns) == 1
+    model.config.obs_variant = "full"
+    with pytest.raises(ValueError, match="with 'full' observations"):
+        check_model(model.config)
+    with pytest.raises(ValueError, match="does not match the model's state_dim=5"):
+        rollout_sliding_window(model, make_env("hopper"), 1.0, episodes=1, max_steps=2)
+
+
 def test_full_cache_equals_sliding_window_over_whole_history():
     model = tiny_dt()
     steps = 25  # context 40 >= steps: the window always holds the whole history

@@ -12,6 +12,7 @@ from envs.d4rl import (
     d4rl_normalized_score,
     load_d4rl_hdf5,
     normalized_score,
+    select_observations,
     split_episodes,
     write_d4rl_hdf5,
 )
@@ -105,6 +106,43 @@ def test_make_env_shapes(name, version):
     obs, *_ = env.step(env.action_space.sample())
     assert obs.shape == (spec.obs_dim,)
     env.close()
+
+
+@pytest.mark.parametrize("name,version", [("hopper", "v5"), ("halfcheetah", "v5"), ("walker2d", "v4")])
+def test_position_only_observations_are_qpos_without_root_x(name, version):
+    """obs="pos" keeps exactly the joint positions (qpos[1:]) and no velocity; the wrapped env steps like the
+    plain one (same seed, same actions -> same positions, same rewards, same termination)."""
+    spec = get_spec(name)
+    full, pos = make_env(name, version), make_env(name, version, obs="pos")
+    assert pos.observation_space.shape == (spec.pos_dims,) == (spec.state_dim("pos"),)
+    of, _ = full.reset(seed=4)
+    op, _ = pos.reset(seed=4)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        qpos, qvel = pos.unwrapped.data.qpos, pos.unwrapped.data.qvel
+        np.testing.assert_array_equal(op, qpos[1:])
+        np.testing.assert_array_equal(op, of[: spec.pos_dims])
+        assert len(qpos) - 1 + len(qvel) == spec.obs_dim  # what was dropped is exactly the velocities
+        a = rng.uniform(-1, 1, spec.act_dim).astype(np.float32)
+        of, rf, tf, _, _ = full.step(a)
+        op, rp, tp, _, _ = pos.step(a)
+        assert (rf, tf) == (rp, tp)
+    assert pos.spec.max_episode_steps == 1000
+    with pytest.raises(ValueError, match="unknown observation variant 'vel'"):
+        make_env(name, obs="vel")
+
+
+def test_select_observations_cuts_a_dataset_like_the_env(tmp_path):
+    rng = np.random.default_rng(0)
+    data = load_d4rl_hdf5(write_d4rl_hdf5(tmp_path / "d.hdf5", [_episode(rng, 5), _episode(rng, 3)],
+                                          {"env_name": "hopper"}))
+    pos = select_observations(data, "pos")
+    assert pos.obs_dim == 5 and pos.metadata["obs_variant"] == "pos" and len(pos) == 2
+    np.testing.assert_array_equal(pos.episodes[1].observations, data.episodes[1].observations[:, :5])
+    np.testing.assert_array_equal(pos.returns, data.returns)
+    assert select_observations(data, "full") is data
+    with pytest.raises(ValueError, match="has 5 observation entries"):
+        select_observations(pos, "pos")
 
 
 def test_make_vector_env_seeded():

@@ -97,6 +97,27 @@ def test_tiny_train_round_trip(tmp_path):
     assert "D4RL-normalised score" in (out / "PROVENANCE.md").read_text()
 
 
+def test_position_only_variant_and_target_from_data(tmp_path):
+    """--obs pos trains on the first 5 hopper entries (qpos[1:]) with their own statistics, the model is marked
+    "pos" and evaluates in the wrapped env; --target-rule data-max conditions on the best episode return."""
+    from transformers import DecisionTransformerModel
+
+    data_path = _write_data(tmp_path / "d.hdf5")
+    data = load_d4rl_hdf5(data_path)
+    summary = T.main(_tiny_args(data_path, tmp_path / "pos", obs="pos", target_rule="data-max"))
+    c = DecisionTransformerModel.from_pretrained(tmp_path / "pos").config
+    assert (c.state_dim, c.obs_variant) == (5, "pos")
+    obs = np.concatenate([e.observations for e in data.episodes])[:, :5].astype(np.float64)
+    np.testing.assert_allclose(c.state_mean, obs.mean(0), rtol=1e-5, atol=1e-6)
+    assert c.target_return == summary["target_return"] == round(float(data.returns.max()), -1)
+    assert c.target_return != 3600.0
+    res = T.main(["eval", str(tmp_path / "pos"), "--episodes", "2", "--max-steps", "3"])
+    assert res["obs_variant"] == "pos" and len(res["returns"]) == 2
+    assert "pos observations" in (tmp_path / "pos" / "PROVENANCE.md").read_text()
+    with pytest.raises(SystemExit):  # argparse choices: one line, exit 2
+        T.main(_tiny_args(data_path, tmp_path / "bad", obs="velocity"))
+
+
 def test_resume_continues_identically(tmp_path, monkeypatch):
     data_path = _write_data(tmp_path / "d.hdf5")
     T.main(_tiny_args(data_path, tmp_path / "full", steps=4))

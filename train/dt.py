@@ -3,15 +3,25 @@
     namm-transfer train dt --data artifacts/rl/data/hopper-medium-v5.hdf5 --out artifacts/rl/dt-hopper \
         --context 64 --steps 3000
     namm-transfer train dt --data mujoco/hopper/medium-v0 --out runs/dt-hopper   # local Minari id (or folder)
+    namm-transfer train dt --data artifacts/rl/data/hopper-medium-v5.hdf5 --out runs/dt-hopper-k20 \
+        --context 20 --target-rule data-max --seed 1     # the public checkpoints' architecture
+    namm-transfer train dt --data artifacts/rl/data/hopper-medium-v5.hdf5 --out runs/dt-hopper-pos \
+        --obs pos --context 200                          # memory-dependent variant: positions only, long context
 
 Follows the DT paper / CORL recipe: returns-to-go divided by `return_scale` (1000), states normalised with
-the dataset mean/std, timestep embeddings, tanh actions, trajectories sampled in proportion to their length,
+the dataset mean/std, timestep embeddings, tanh actions (hidden 128, 3 layers, 1 head by default: the public
+edbeeching checkpoints' sizes; they use K=20), trajectories sampled in proportion to their length,
 AdamW with linear warmup, grad-norm clip 0.25, MSE on the predicted actions. The context is long (K=64 steps
 = 192 tokens by default) so that KV-cache eviction has something to work with.
 
 The saved folder loads with `DecisionTransformerModel.from_pretrained(dir)`; its config also carries
 `state_mean`, `state_std` (lists, edbeeching format), `return_scale`, `target_return`, `env_name`,
-`env_version` and `context_length`. Only the trainer lives here: loading and running a DT (statistics,
+`env_version`, `context_length` and `obs_variant` ("full", or "pos": velocities removed from the
+observation, `envs.mujoco.OBS_VARIANTS`; the dataset is cut at load time and evaluation wraps the env the
+same way). Return target (`config.target_return`, what evaluation conditions on unless told otherwise):
+`--target-return R` if given, else by `--target-rule`: "paper" = the DT paper's per-env constant (3600 /
+12000 / 5000), "data-max" = the highest return of a complete episode in the training data (after the
+observation cut, which changes no return), rounded to the nearest 10. Only the trainer lives here: loading and running a DT (statistics,
 return-to-go, the sliding-window evaluator) is `adapters/decision_transformer.py`.
 """
 
@@ -31,10 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapters.decision_transformer import DEFAULT_SCALE, load_dt, normalize_state, rollout_sliding_window
-from envs.d4rl import Dataset, d4rl_normalized_score, normalized_score
+from adapters.decision_transformer import DEFAULT_SCALE, load_dt, normalize_state, rollout_sliding_window_batch
+from envs.d4rl import Dataset, d4rl_normalized_score, normalized_score, select_observations
 from envs.minari_data import load_dataset
-from envs.mujoco import check_model, get_spec
+from envs.mujoco import check_model, check_obs, get_spec
 from transfer.options import Parser
 
 
@@ -52,7 +62,9 @@ class DTConfig:
     dropout: float = 0.1
     max_ep_len: int = 1000
     return_scale: float = DEFAULT_SCALE
-    target_return: float | None = None  # default: the DT paper's target for the env
+    target_return: float | None = None  # given: used as is; else by target_rule
+    target_rule: str = "paper"  # paper: the DT paper's per-env target; data-max: best episode return in the data
+    obs: str = "full"  # observation variant (envs.mujoco.OBS_VARIANTS): "pos" drops the velocities
     steps: int = 3000
     batch_size: int = 64
     lr: float = 3e-4
@@ -123,7 +135,20 @@ class TrajectorySampler:
 # ----------------------------------------------------------------------------- model I/O
 
 
-def build_model(cfg: DTConfig, state_dim: int, act_dim: int, state_mean, state_std):
+TARGET_RULES = ("paper", "data-max")
+
+
+def target_return(cfg: DTConfig, data: Dataset) -> float:
+    """The return the model is conditioned on at evaluation: `--target-return`, else `--target-rule`
+    (module docstring)."""
+    if cfg.target_return is not None:
+        return float(cfg.target_return)
+    if cfg.target_rule == "data-max":
+        return float(round(float(data.returns.max()), -1))
+    return get_spec(cfg.env).target_return
+
+
+def build_model(cfg: DTConfig, state_dim: int, act_dim: int, state_mean, state_std, target: float | None = None):
     from transformers import DecisionTransformerConfig, DecisionTransformerModel
 
     spec = get_spec(cfg.env)
@@ -137,9 +162,11 @@ def build_model(cfg: DTConfig, state_dim: int, act_dim: int, state_mean, state_s
     mcfg.state_mean = [float(x) for x in state_mean]
     mcfg.state_std = [float(x) for x in state_std]
     mcfg.return_scale = float(cfg.return_scale)
-    mcfg.target_return = float(cfg.target_return if cfg.target_return is not None else spec.target_return)
+    mcfg.target_return = float(target if target is not None else
+                               cfg.target_return if cfg.target_return is not None else spec.target_return)
     mcfg.env_name = spec.name
     mcfg.env_version = cfg.version
+    mcfg.obs_variant = cfg.obs
     mcfg.context_length = int(cfg.context)
     return DecisionTransformerModel(mcfg)
 
@@ -203,6 +230,9 @@ def validate(cfg: DTConfig) -> None:
         raise ValueError("--data is required (D4RL hdf5, Minari dataset folder or local Minari id)")
     if cfg.env:
         get_spec(cfg.env)
+    check_obs(cfg.obs)
+    if cfg.target_rule not in TARGET_RULES:
+        raise ValueError(f"--target-rule must be one of {', '.join(TARGET_RULES)}, got {cfg.target_rule!r}")
     for name in ("context", "steps", "batch_size", "hidden", "layers", "heads", "max_ep_len", "log_every",
                  "ckpt_every"):
         if getattr(cfg, name) < 1:
@@ -232,11 +262,13 @@ def train(cfg: DTConfig, command: str | None = None) -> dict:
         raise ValueError(f"--data {cfg.data}: the dataset does not name its environment; pass --env")
     spec = get_spec(data.env_name)
     cfg = replace(cfg, env=spec.name)  # the model config and summary name the dataset's environment
+    data = select_observations(data, cfg.obs)
+    goal = target_return(cfg, data)  # (`target` below is the batch's actions)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     sampler = TrajectorySampler(data, cfg.context, cfg.return_scale, cfg.max_ep_len, cfg.seed)
-    model = build_model(cfg, data.obs_dim, data.act_dim, sampler.mean, sampler.std).to(cfg.device)
+    model = build_model(cfg, data.obs_dim, data.act_dim, sampler.mean, sampler.std, goal).to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     out = Path(cfg.out)
@@ -285,13 +317,14 @@ def train(cfg: DTConfig, command: str | None = None) -> dict:
     model.eval()
     summary = {"env": spec.name, "data": str(cfg.data), "dataset_episodes": len(data),
                "dataset_steps": data.num_steps, "steps_done": step, "dataset_return_mean": float(data.returns.mean()),
+               "dataset_return_max": float(data.returns.max()), "target_return": goal, "obs_variant": cfg.obs,
                "dataset_metadata": {k: v for k, v in data.metadata.items()}, "train_wall_s": round(wall, 1),
                "final_loss_mean_100": float(np.mean([r["loss"] for r in rows[-100:]])),
                "device": _device_name(cfg.device),
                "host": socket.gethostname(), "torch": torch.__version__, "config": asdict(cfg),
                "command": command or "python -m train.dt " + " ".join(sys.argv[1:])}
     if cfg.eval_episodes > 0:
-        summary["eval"] = evaluate(model.cpu(), spec.name, cfg.version, cfg.eval_episodes, cfg.seed + 100,
+        summary["eval"] = evaluate(model.cpu(), spec.name, cfg.version, cfg.eval_episodes, 100,
                                    cfg.eval_max_steps, data.metadata)
     save_run(model, rows, summary, out, partial)
     return summary
@@ -302,16 +335,17 @@ def evaluate(model, env_name: str, version: str, episodes: int, seed: int, max_s
     """Sliding-window returns -> D4RL-normalised and dataset-normalised scores (mean, std)."""
     from envs.mujoco import make_env
 
-    env = make_env(env_name, version)
+    obs = getattr(model.config, "obs_variant", None) or "full"
+    envs = [make_env(env_name, version, obs=obs) for _ in range(episodes)]
     t0 = time.time()
-    rets = []
-    for i in range(episodes):  # one call per episode (same seeds as episodes=N) to log progress
-        rets += rollout_sliding_window(model, env, episodes=1, seed=seed + i, max_steps=max_steps)
-        _log(f"eval {env_name}: episode {i + 1}/{episodes} return {rets[-1]:.1f} ({time.time() - t0:.0f}s)")
-    rets = np.array(rets)
-    env.close()
+    # all episodes in lock-step: the same returns as one rollout_sliding_window call per episode, seeds seed + i
+    rets = np.array(rollout_sliding_window_batch(model, envs, seeds=[seed + i for i in range(episodes)],
+                                                 max_steps=max_steps))
+    for env in envs:
+        env.close()
     d4 = d4rl_normalized_score(env_name, rets)
     res = {"episodes": episodes, "seed": seed, "max_steps": max_steps, "target_return": model.config.target_return,
+           "obs_variant": obs,
            "return_mean": float(rets.mean()), "return_std": float(rets.std()), "returns": rets.round(2).tolist(),
            "d4rl_score_mean": float(d4.mean()), "d4rl_score_std": float(d4.std()),
            "eval_wall_s": round(time.time() - t0, 1)}
@@ -367,6 +401,11 @@ def parse_args(argv: list[str] | None = None) -> DTConfig:
         default = getattr(d, name)
         typ = float if name == "target_return" else type(default)
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=default)
+    p.add_argument("--target-rule", default=d.target_rule, choices=TARGET_RULES,
+                   help="without --target-return: paper = the DT paper's per-env target, data-max = the best "
+                        "episode return in the training data")
+    p.add_argument("--obs", default=d.obs, choices=("full", "pos"),
+                   help="observation variant: pos = positions only (velocities removed; see envs/mujoco.py)")
     a = p.parse_args(argv)
     return DTConfig(**vars(a))
 
@@ -397,7 +436,8 @@ def write_provenance(path: Path, summary: dict) -> None:
     """PROVENANCE.md rendered from summary.json (training command, data, device, metrics)."""
     c, ev, meta = summary.get("config", {}), summary.get("eval", {}), summary.get("dataset_metadata", {})
     lines = [
-        f"# Decision Transformer for {summary.get('env')} ({c.get('version', 'v5')})", "",
+        f"# Decision Transformer for {summary.get('env')} ({c.get('version', 'v5')}"
+        + (f", {c['obs']} observations" if c.get("obs", "full") != "full" else "") + ")", "",
         "Made by `train/dt.py`; every number below comes from `summary.json` in this folder.", "",
         *([summary["note"], ""] if summary.get("note") else []),
         "## Training",
@@ -410,6 +450,9 @@ def write_provenance(path: Path, summary: dict) -> None:
         f"- optimiser: AdamW lr {c.get('lr')}, wd {c.get('weight_decay')}, warmup {c.get('warmup')}, "
         f"grad clip {c.get('grad_clip')}, batch {c.get('batch_size')}, {summary.get('steps_done')} steps "
         f"(cap {c.get('steps')} steps / {c.get('max_minutes')} min), seed {c.get('seed')}",
+        f"- return target {summary.get('target_return')} ("
+        + ("--target-return" if c.get("target_return") is not None else f"rule {c.get('target_rule', 'paper')}")
+        + f"; best episode return in the data {summary.get('dataset_return_max', float('nan')):.1f})",
         f"- device: {summary.get('device')} on {summary.get('host')}, torch {summary.get('torch')}, "
         f"wall {summary.get('train_wall_s')} s; final loss (mean of last 100 steps) "
         f"{summary.get('final_loss_mean_100', float('nan')):.4f}; curve: loss.csv, loss.png",
