@@ -39,7 +39,13 @@ def add_rl_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=positive_int, default=1000, help="episode length cap (1000 = standard)")
     p.add_argument("--env-version", dest="version", default="v5", help="gymnasium MuJoCo version (v5 or v4)")
     p.add_argument("--version", dest="version", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the old name
-    p.add_argument("--no-window", action="store_true", help="skip the sliding-window (no cache) reference row")
+    p.add_argument("--no-window", action="store_true", help="skip the sliding-window (no cache) reference rows")
+    p.add_argument("--window-steps", default=None,
+                   help="memory protocol: also sliding windows (no cache) of these sizes in steps, e.g. 8,16,32, "
+                        "beside policies at the same budgets in tokens (a DT step is 3 tokens: 8 steps = 24t)")
+    p.add_argument("--train-seeds", default=None,
+                   help="several training seeds' models, e.g. 0,1,2 with '{seed}' in --model: every seed's "
+                        "episodes are units of their environment, paired across policies")
     p.add_argument("--seed", type=int, default=0, help="seed of the first episode (episode i: seed + i)")
     add_run_arguments(p, batch_size=16, out="runs/rl")
 
