@@ -365,7 +365,7 @@ def rollout_sliding_window_batch(model, envs: list[Any], target_return: float | 
         mask = torch.cat([torch.zeros(n, pad, dtype=torch.long, device=device),
                           torch.ones(n, width, dtype=torch.long, device=device)], 1)
 
-        def left(x):  # (n, width, ...) -> (n, context, ...), zeros on the left (as window_inputs)
+        def left(x, pad=pad):  # (n, width, ...) -> (n, context, ...), zeros on the left (as window_inputs)
             return torch.cat([torch.zeros((n, pad, *x.shape[2:]), dtype=x.dtype, device=device), x], 1)
 
         rtg_t = torch.as_tensor(rtg[:, lo: t + 1], dtype=dtype, device=device)

@@ -259,8 +259,8 @@ def test_batched_sliding_window_equals_one_episode_at_a_time():
     for context in (3, 40):
         batch = D.rollout_sliding_window_batch(model, [make_env("hopper") for _ in seeds], 3600.0, context, seeds,
                                                max_steps=60)
-        one = [rollout_sliding_window(model, make_env("hopper"), 3600.0, context, episodes=1, seed=s, max_steps=60)[0]
-               for s in seeds]
+        one = [rollout_sliding_window(model, make_env("hopper"), 3600.0, context, episodes=1, seed=s,
+                                      max_steps=60)[0] for s in seeds]
         assert batch == one
     short = D.rollout_sliding_window_batch(model, [make_env("hopper")], 3600.0, 1, [5], max_steps=60)
     assert short != D.rollout_sliding_window_batch(model, [make_env("hopper")], 3600.0, 40, [5], max_steps=60)

@@ -21,8 +21,8 @@ observation, `envs.mujoco.OBS_VARIANTS`; the dataset is cut at load time and eva
 same way). Return target (`config.target_return`, what evaluation conditions on unless told otherwise):
 `--target-return R` if given, else by `--target-rule`: "paper" = the DT paper's per-env constant (3600 /
 12000 / 5000), "data-max" = the highest return of a complete episode in the training data (after the
-observation cut, which changes no return), rounded to the nearest 10. Only the trainer lives here: loading and running a DT (statistics,
-return-to-go, the sliding-window evaluator) is `adapters/decision_transformer.py`.
+observation cut, which changes no return), rounded to the nearest 10. Only the trainer lives here: loading
+and running a DT (statistics, return-to-go, the sliding-window evaluator) is `adapters/decision_transformer.py`.
 """
 
 from __future__ import annotations
