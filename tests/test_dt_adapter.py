@@ -253,8 +253,9 @@ def test_batched_sliding_window_equals_one_episode_at_a_time():
     with torch.no_grad():
         model.predict_action[0].bias.fill_(1.0)
     seeds = [5, 6, 7]
-    lengths = DecisionTransformerAdapter(model).rollout([make_env("hopper") for _ in seeds], lambda: make_policy("full"),
-                                                        3600.0, 32, seed=seeds, max_steps=60).lengths
+    lengths = DecisionTransformerAdapter(model).rollout([make_env("hopper") for _ in seeds],
+                                                        lambda: make_policy("full"), 3600.0, 32, seed=seeds,
+                                                        max_steps=60).lengths
     assert lengths == [24, 24, 23]
     for context in (3, 40):
         batch = D.rollout_sliding_window_batch(model, [make_env("hopper") for _ in seeds], 3600.0, context, seeds,
