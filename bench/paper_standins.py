@@ -111,9 +111,13 @@ REAL = Sizes(
     llava_vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                       image_size=336, patch_size=14, projection_dim=768),
     llava_bpe_vocab=32000, llava_crop=336, shard_bytes=5 * 2**30, dtype="bfloat16", context_tokens=31500,
-    rows_per_task=2,
-    video_side=336, video_frames=(64, 96, 128), lvb_videos=6, mlvu_videos_per_task=1, d4rl_steps=2000,
-    config={"lm": {"limit": 2}},
+    rows_per_task=1,
+    video_side=336, video_frames=(64, 96, 128), lvb_videos=3, mlvu_videos_per_task=1, d4rl_steps=2000,
+    # The rehearsal is paper-gpu.json with smaller n only (it measures per-example costs; docs/paper-path.md
+    # scales them to the whole protocol): two LongBench tasks with the shortest and a longer generation
+    # (32 and 128 tokens) at ~31.5k-token prompts, one prompt each; 3 videos; 3 episodes per environment.
+    config={"lm": {"tasks": "longbench/passage_retrieval_en,longbench/narrativeqa", "limit": 1},
+            "video": {"limit": 3}, "rl": {"episodes": 3}},
 )
 TINY = Sizes(
     # max_position_embeddings 256 < the prompts: the dynamic NTK scaling really rescales, as at 32k on the 8B

@@ -24,6 +24,7 @@ import numpy as np
 from eval.tables import fmt, fmt_ci, fmt_delta, fmt_seeds, main_rows, to_csv, to_latex, to_markdown
 from transfer.atomic import read_json, write_json_atomic
 from transfer.log import duration, line
+from transfer.options import positive_float
 from transfer.stats import PairedBootstrap, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +95,10 @@ def run_domains(preset: str, out: Path, namm: str | None, domains: list[str], co
                 extra: dict[str, Any] | None = None) -> dict[str, dict[str, dict]]:
     """{domain: {policy label: metrics}}: every domain through its own evaluator, one shape of result."""
     results: dict[str, dict[str, dict]] = {}
+    started = time.time()
     for i, domain in enumerate(domains, 1):
         module, args = domain_args(preset, out, namm, domain, config, extra)
+        args.started = started  # one --max-minutes for the whole command (transfer/runner.py RunOptions)
         t0 = time.time()
         line(f"reproduce: domain {i} of {len(domains)}, {domain}, started")
         results[domain] = module.run(args)
@@ -339,6 +342,73 @@ def findings(results: dict[str, dict[str, dict]]) -> list[str]:
     return lines
 
 
+TOKEN_FIELDS = ("prompt_tokens", "context_tokens", "tokens")  # per-row token counts a domain may record
+
+
+def run_costs(out: Path, domains: list[str]) -> list[dict[str, Any]]:
+    """One record per policy run that computed examples in this output folder: where, policy, seconds per
+    example, peak accelerator memory, kept fraction and tokens per example (from the rows, if recorded)."""
+    from transfer.runner import COST_FILE
+
+    records = []
+    for domain in domains:
+        for cost_file in sorted((out / "runs" / domain).rglob(COST_FILE)):
+            run = cost_file.parent
+            cost = read_json(cost_file, "cost file", dict)
+            metrics = read_json(run / "metrics.json", "metrics", dict) if (run / "metrics.json").exists() else {}
+            tokens = []
+            if (run / "predictions.jsonl").exists():
+                for text in (run / "predictions.jsonl").read_text().splitlines():
+                    row = json.loads(text)
+                    tokens += [row[f] for f in TOKEN_FIELDS if isinstance(row.get(f), (int, float))][:1]
+            records.append({
+                "domain": domain, "where": str(run.parent.relative_to(out / "runs" / domain)),
+                "policy": metrics.get("policy", run.name), **cost,
+                "kept_fraction": metrics.get("kept_fraction"),
+                "tokens_per_example": sum(tokens) / len(tokens) if tokens else None,
+            })
+    return records
+
+
+def costs_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Per domain (all its runs) then per run: what the computation cost on this machine."""
+    header = ["domain", "where", "policy", "examples", "s / example", "peak memory GiB", "kept %", "tokens / example"]
+    rows = []
+    for domain in dict.fromkeys(r["domain"] for r in records):
+        mine = [r for r in records if r["domain"] == domain]
+        seconds, examples = sum(r["seconds"] for r in mine), sum(r["examples_computed"] for r in mine)
+        peaks = [r["peak_memory_gib"] for r in mine if r["peak_memory_gib"] is not None]
+        rows.append([f"**{domain}**", f"{len(mine)} runs, {duration(seconds)}", "all", str(examples),
+                     f"{seconds / max(examples, 1):.3f}", f"{max(peaks):.2f}" if peaks else "", "", ""])
+        for r in mine:
+            rows.append([domain, "." if r["where"] == "." else r["where"], r["policy"], str(r["examples_computed"]),
+                         f"{r['seconds_per_example']:.3f}",
+                         "" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}",
+                         fmt(r["kept_fraction"], pct=True) if r["kept_fraction"] is not None else "",
+                         "" if r["tokens_per_example"] is None else f"{r['tokens_per_example']:.0f}"])
+    return header, rows
+
+
+def memory_and_sinks(results: dict[str, dict[str, dict]]) -> list[str]:
+    """Per domain: does the task need its memory (full cache minus a 25 % recency cache), and the sink study
+    (the reference NAMM minus the NAMM that keeps the first SINK tokens), paired CIs, worded by them."""
+    lines = []
+    for domain, res in results.items():
+        parts = []
+        for a, b, name in (("full", "recency@0.25", "memory matters? full cache minus 25 % recency"),
+                           ("namm", "namm-sink", f"sink study: NAMM minus NAMM keeping the first {SINK} tokens")):
+            if not (res.get(a, {}).get("units") and res.get(b, {}).get("units")):
+                continue
+            table = PairedBootstrap({x: [tuple(u) for u in res[x]["units"]] for x in (a, b)})
+            d = table.diff(a, b)
+            kept = "/".join(fmt(res[x].get("kept_fraction"), pct=True) for x in (a, b))
+            parts.append(f"{name}: {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}], {verdict(d)} "
+                         f"(kept {kept} %, n = {table.n_units})")
+        if parts:
+            lines.append(f"- **{domain}**: " + "; ".join(parts) + ".")
+    return lines
+
+
 def versions() -> dict[str, Any]:
     import torch
     import transformers
@@ -376,6 +446,9 @@ def write_index(report: Path, figures: list[str], header: str, meta: dict[str, A
           for d in meta["domains"]],
         "| [results.csv](results.csv) | raw numbers of every row (score, CI, difference, kept fraction, n) |",
         "| [results.json](results.json) | everything above, with the bootstrap units |",
+        *(["| [costs.md](costs.md) (.json) | what each run cost on the machine that ran it: seconds per example, "
+           "peak accelerator memory, tokens per example (machine-dependent, unlike the tables above) |"]
+          if (report / "costs.md").exists() else []),
         *[f"| [{f}]({f}) | {FIGURES.get(f, '')} |" for f in figures],
     ]
     (report / "README.md").write_text("\n".join(lines) + "\n")
@@ -385,7 +458,7 @@ FIGURES = {
     "score_vs_kept.png": "score against kept cache per domain, 95 % CI error bars, full cache as a band",
     "eviction_lm.png": "which tokens the NAMM keeps on one language prompt, layer by layer (black: evicted)",
     "eviction_rl.png": "the same on one hopper episode of the Decision Transformer",
-    "eviction_video.png": "the same on one synthetic video of the video model",
+    "eviction_video.png": "the same on one synthetic test video of the long-video model",
 }
 
 
@@ -407,7 +480,8 @@ def update_readme(report: Path, preset: str) -> None:
         f"{start}\nFrom `namm-transfer reproduce --preset {preset}` ([report index](docs/report/README.md); "
         "config, versions and commit in [docs/report/config.json](docs/report/config.json)). Scores: "
         "language = mean exact-match over tasks, RL = D4RL-normalised return averaged over the environments, "
-        "video = accuracy on the synthetic set; `@match` rows run at the NAMM's measured kept fraction; "
+        "video = accuracy on the synthetic long-video test set; `@match` rows run at the NAMM's measured kept "
+        "fraction; "
         "`namm-random` is the mean of random-parameter NAMMs at the evolved NAMM's scale.\n\n"
         + (report / "cross_domain.md").read_text() + "\n" + (report / "findings.md").read_text()
         + "\n![score versus kept cache](docs/report/score_vs_kept.png)\n" + end
@@ -426,6 +500,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="JSON file of per-domain evaluator options overriding the preset, e.g. real models and "
                         "benchmarks for a GPU user (see eval/configs/paper-gpu.json)")
     p.add_argument("--out", default="runs/reproduce", help="runs and report go here; finished runs are reused")
+    p.add_argument("--max-minutes", type=positive_float, default=None,
+                   help="stop after the batch that passes this wall time (no report yet); rerun to resume "
+                        "(exit status 3 says it stopped early)")
     p.add_argument("--update-readme", action="store_true",
                    help="also copy the report to docs/report/ and put its table in README.md")
 
@@ -452,7 +529,7 @@ def run(args: argparse.Namespace) -> int:
     for domain in domains:  # every option checked before any run starts
         _, parser = domain_parser(domain)
         domain_options(parser, config.get(domain, {}), f"--config {args.config} [{domain}]")
-    extra = {"controls": args.controls}
+    extra = {"controls": args.controls, "max_minutes": args.max_minutes}
     results = run_domains(args.preset, out, args.namm, domains, config, extra)
     report.mkdir(parents=True, exist_ok=True)
     from transfer.runner import RunOptions
@@ -466,7 +543,7 @@ def run(args: argparse.Namespace) -> int:
     write_table(report / "controls", *controls_table(results), "Random-parameter NAMMs at the evolved NAMM's scale.")
     for domain, res in results.items():
         write_table(report / f"table_{domain}", *domain_table(domain, res), f"{domain}. {headers[domain]}.")
-    (report / "findings.md").write_text("\n".join(findings(results)) + "\n")
+    (report / "findings.md").write_text("\n".join(findings(results) + memory_and_sinks(results)) + "\n")
     (report / "results.csv").write_text(raw_csv(results))
     plot_curves(results, report / "score_vs_kept.png")
     figures = ["score_vs_kept.png", *eviction_examples(report, args.namm, domains)]
@@ -474,6 +551,14 @@ def run(args: argparse.Namespace) -> int:
             "config_file": config, "domain_options": {d: PRESETS[args.preset][d] for d in domains},
             "policies": POLICIES[args.preset], "budgets": BUDGETS[args.preset], "protection": header,
             "versions": versions(), "seconds": time.time() - t0}
+    costs = run_costs(out, domains)
+    if costs:  # machine-dependent, unlike every other table: what each run cost where it ran
+        device = ", ".join(sorted({str(c["device"]) for c in costs}))
+        write_table(report / "costs", *costs_table(costs), f"Cost of the runs computed in {out} on: {device}. "
+                    "Wall time per example of each policy run and the peak accelerator memory since it started "
+                    "(model weights included); runs reused from an earlier call keep the cost of the call that "
+                    "computed them.")
+        write_json_atomic(report / "costs.json", costs)
     write_json_atomic(report / "config.json", meta)
     write_json_atomic(report / "results.json", results)
     write_index(report, figures, header, meta)

@@ -311,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as err:
+        if type(err).__name__ == "TimeBudgetReached":  # transfer.runner's (not imported here: fast --help)
+            print(f"stopped: {err}", file=sys.stderr)
+            return 3
         message = user_error(err, model if isinstance(model, str) else None)
         if message is None:
             raise

@@ -128,3 +128,6 @@ def add_run_arguments(p: argparse.ArgumentParser, batch_size: int = 8, out: str 
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--out", default=out, help="run directory root (finished runs are reused)")
     p.add_argument("--overwrite", action="store_true", help="redo runs that exist instead of reusing them")
+    p.add_argument("--max-minutes", type=positive_float, default=None,
+                   help="stop after the batch that passes this wall time, keeping every finished row; "
+                        "rerun the same command to resume (exit status 3 says it stopped early)")

@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transfer.atomic import write_json_atomic
 from transfer.log import LOG_FILE, track
 from transfer.options import (  # noqa: F401  (add_run_arguments is re-exported: domains import it from here)
     DEFAULT_CONTROLS,
@@ -34,6 +36,15 @@ from transfer.rundir import RunDir, code_fingerprint, model_id, slug
 from transfer.stats import PairedBootstrap, units_of
 
 REFERENCE = "full"
+STOPPED_EARLY = 3  # exit status of a command that stopped at --max-minutes (rerun it to resume)
+
+
+class TimeBudgetReached(Exception):
+    """--max-minutes passed: the rows so far are saved and the same command resumes from them."""
+
+    def __init__(self, minutes: float) -> None:
+        super().__init__(f"time budget of {minutes:g} min reached; rerun the same command to resume")
+COST_FILE = "cost.json"  # per run: wall seconds and peak memory (machine-dependent, so not in metrics.json)
 
 
 @dataclass(frozen=True)
@@ -126,9 +137,15 @@ class RunOptions:
     batch_size: int = 8
     device: str | None = None
     overwrite: bool = False
+    max_minutes: float | None = None  # wall-time cap from `started`, checked after every batch
+    started: float = field(default_factory=time.time, compare=False)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunOptions:
+        """The first call on a Namespace fixes its start time, so --max-minutes bounds the whole command (every
+        environment of `eval rl`, not each one)."""
+        if getattr(args, "started", None) is None:
+            args.started = time.time()
         options = cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
         options.check()
         return options
@@ -146,6 +163,10 @@ class RunOptions:
 
     def specs(self) -> list[PolicySpec]:
         return parse_policies(self.policies, self.budget, self.controls)
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.max_minutes is None else self.started + 60 * self.max_minutes
 
     def resolved_device(self) -> str:
         import torch
@@ -170,12 +191,15 @@ def run_examples(
     batch_size: int = 1,
     description: str = "",
     step: tuple[int, int] | None = None,
+    deadline: tuple[float, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate the examples not yet in run's predictions, batch by batch; returns all rows in order.
 
     Each example needs an `id`; `evaluate_batch` returns one row (with that id) per example. Progress
     (transfer/log.py): bars on a terminal, plain lines with elapsed time and ETA otherwise, and the
     run's own `log.txt`; `step=(i, n)` says this is run i of n (the overall progress and its ETA).
+    `deadline=(time, minutes)`: past that time.time(), stop after the current batch (TimeBudgetReached;
+    the rows so far are saved, so rerunning resumes).
     Under `accelerate launch` the unfinished examples are split between the processes, the rows
     gathered, and only the main process writes.
     """
@@ -203,6 +227,8 @@ def run_examples(
                 run.add_prediction(row)
                 done[row["id"]] = row
             progress.advance(min(batch_size, len(todo) - start), computed=min(start + batch_size, len(todo)))
+            if deadline is not None and time.time() > deadline[0] and start + batch_size < len(todo):
+                raise TimeBudgetReached(deadline[1])
     return [done[ex.id] for ex in examples]
 
 
@@ -254,6 +280,48 @@ def run_key(config: dict[str, Any], options: RunOptions) -> tuple[dict[str, Any]
     return key, info
 
 
+class RunCost:
+    """Wall time and peak accelerator memory of one policy run, written to the run's `cost.json`.
+
+    Kept out of metrics.json on purpose: costs depend on the machine and its load, results must not, so
+    tables stay byte-identical across machines while `reproduce` still reports what each run cost
+    (report/costs.md). The peak is `torch.cuda.max_memory_allocated` since the run started (None on the
+    CPU); seconds cover only the examples computed in this call (a resumed run counts its own part).
+    """
+
+    def __init__(self, run_path: Path, computed: int, writer: bool = True) -> None:
+        self.path, self.computed, self.writer = Path(run_path) / COST_FILE, computed, writer
+
+    def __enter__(self) -> RunCost:
+        import time
+
+        import torch
+
+        self.cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        import time
+
+        import torch
+
+        if exc_type is not None or not self.writer or self.computed <= 0:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.t0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+        device = torch.cuda.get_device_name() if self.cuda else "cpu"
+        write_json_atomic(self.path, {"seconds": round(seconds, 3), "examples_computed": self.computed,
+                                      "seconds_per_example": round(seconds / self.computed, 4),
+                                      "peak_memory_gib": None if peak is None else round(peak, 3),
+                                      "device": device})
+
+
 def evaluate_policies(
     examples: Sequence[Any],
     evaluate_batch: Callable[[Callable[[], Any], list[Any]], list[dict[str, Any]]],
@@ -276,12 +344,16 @@ def evaluate_policies(
     namm_kept: dict[str, float] = {}
     config, info = run_key(config, options)
     specs = options.specs()
+    computed = False  # a capped call computes at least one batch, so rerunning it always makes progress
     for step, spec in enumerate(specs, 1):
         run = RunDir(Path(out_dir) / slug(spec.label), {**config, "policy": asdict(spec)},
                      overwrite=options.overwrite, writer=_is_main(), info=info)
         if run.finished():
             metrics, rows = run.metrics(), run.predictions()
         else:
+            if computed and options.deadline is not None and time.time() > options.deadline:
+                raise TimeBudgetReached(options.max_minutes)
+            computed = True
 
             def batch_fn(batch: list[Any], spec: PolicySpec = spec, kept: dict = namm_kept) -> list[dict[str, Any]]:
                 matched = None
@@ -294,9 +366,10 @@ def evaluate_policies(
                 return rows
 
             label = " ".join(str(p) for p in (config.get("domain"), config.get("env"), spec.label) if p)
-            with run:
+            with run, RunCost(run.path, len(examples) - len(run.completed()), run.writer):
+                deadline = None if options.deadline is None else (options.deadline, options.max_minutes)
                 rows = run_examples(run, examples, batch_fn, options.batch_size, description=label,
-                                    step=(step, len(specs)))
+                                    step=(step, len(specs)), deadline=deadline)
                 metrics = {**summarize(rows), "policy": spec.label, "n_examples": len(rows)}
                 run.finish(metrics)
         results[spec.label] = metrics
