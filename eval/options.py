@@ -68,11 +68,17 @@ def add_video_arguments(p: argparse.ArgumentParser) -> None:
                         "n = min(--frames, int(duration)), at most one frame a second")
     p.add_argument("--data", default=None,
                    help="benchmark folder (LongVideoBench: lvb_val.json + videos/; MLVU: json/ + video/); "
-                        "default for synthetic: the shipped set artifacts/video/synth-lvb")
+                        "synthetic reads none: its test split is generated from seeds (tasks/long_video.py)")
+    p.add_argument("--synthetic-videos", type=positive_int, default=100,
+                   help="synthetic only: videos of the held-out test split (a multiple of 5, 5 questions each; "
+                        "a smaller set is its own balanced draw from the test seeds)")
+    p.add_argument("--synthetic-lengths", default="64,80,96,112,128",
+                   help="synthetic only: video lengths (64-128 frames), balanced over the set (the quick preset: 64)")
     p.add_argument("--model", default=None,
-                   help="LLaVA-NeXT-Video id or path; default: the shipped tiny model in artifacts/video/")
-    p.add_argument("--frames", type=positive_int, default=32,
-                   help="frames per video (with --frame-sampling lvb-official: at most this many)")
+                   help="LLaVA-NeXT-Video id or path; default: the shipped artifacts/video/llava-next-video-long")
+    p.add_argument("--frames", type=positive_int, default=None,
+                   help="frames per video (with --frame-sampling lvb-official: at most this many); default 128 "
+                        "on the synthetic set (the shipped model's protocol), 32 on benchmark files")
     p.add_argument("--chunk-size", type=positive_int, default=512, help="max tokens per forward")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="default: the benchmark's (LVB 32, MLVU 16)")

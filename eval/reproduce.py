@@ -38,12 +38,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {  # a smoke test on a 2-core CPU: small n, wide CIs
         "lm": {"tasks": "niah_single,vt,fwe", "limit": 8, "length": 2048, "batch_size": 8},
         "rl": {"episodes": 3, "max_steps": 300},
-        "video": {"limit": 12},
+        # 5 test videos of 64 frames read at 32 (1152 video tokens, 25 questions, letters balanced)
+        "video": {"synthetic_videos": 5, "synthetic_lengths": "64", "frames": 32},
     },
     "full": {
         "lm": {"tasks": "niah_single,vt,fwe,niah_multikey,mqar,passage", "limit": 100, "length": 2048},
         "rl": {"episodes": 20, "max_steps": 1000},
-        "video": {},
+        "video": {},  # the long-video test split: 100 videos of 64-128 frames at 128 frames, 500 questions
     },
 }
 _QUICK = f"full,namm,namm-sink,namm-random,h2o,l2,namm@{SWEEP.replace(',', ',namm@')}"

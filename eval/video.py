@@ -1,6 +1,14 @@
-"""Video QA: LLaVA-NeXT-Video on LongVideoBench, MLVU or the synthetic set under every memory policy.
+"""Video QA: LLaVA-NeXT-Video on LongVideoBench, MLVU or the synthetic long-video test set under every memory policy.
 
-CLI: `namm-transfer eval video`. Protocol: `--frames` frames per video, sampled by lmms-eval's
+CLI: `namm-transfer eval video`. The default (`--benchmark synthetic`) is the shipped long-video model
+(artifacts/video/llava-next-video-long) on the held-out TEST split of tasks/long_video.py, generated in
+memory from its seeds (100 videos of 64-128 frames, 500 questions, five types, letters balanced; never
+the validation split that chose the model): every frame is rendered and given its codec-like noise in
+numpy from the video's seed, so the set is the same on every machine and thread count, and no file is
+shipped. `--synthetic-videos` / `--synthetic-lengths` make a smaller balanced test set (the quick preset's).
+
+Protocol: `--frames` frames per video (default 128 on the synthetic set, as the model was validated; 32 on
+files), sampled by lmms-eval's
 `llava_hf` rule (uniform over the container's frames; the default) or the official LongVideoBench
 loader's (`--frame-sampling lvb-official`: at most one frame a second); the video context
 (everything up to the last video token) is fed through the LM in chunks under the memory, whose
@@ -27,10 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from eval.options import BENCHMARKS
 from eval.options import add_video_arguments as add_arguments  # noqa: F401  (reproduce and the CLI use it)
+from tasks import long_video as lv
 from tasks.video_bench import (
     LVB_MAX_NEW_TOKENS,
     LVB_SUBMISSION_FILE,
@@ -51,9 +61,8 @@ from transfer.rundir import slug
 from transfer.runner import RunOptions, evaluate_policies
 
 ROOT = Path(__file__).resolve().parents[1]
-SYNTH_DIR = ROOT / "artifacts" / "video" / "synth-lvb"
-SYNTH_REGEN_DIR = ROOT / "runs" / "video" / "synth-lvb"
-SYNTH_SEED, SYNTH_VIDEOS = 1234, 48
+MODEL_DIR = ROOT / "artifacts" / "video" / "llava-next-video-long"  # the shipped model (see its PROVENANCE.md)
+SYNTHETIC_FRAMES, FILE_FRAMES = 128, 32  # --frames defaults: the shipped model's protocol / lmms-eval's
 
 
 @dataclass
@@ -63,6 +72,7 @@ class VideoItem:
     id: str
     video_path: str
     questions: list[VideoQAExample]
+    synthetic: lv.LongVideo | None = None  # a generated video: frames come from its seed, not from a file
 
     @property
     def duration(self) -> float | None:
@@ -71,41 +81,60 @@ class VideoItem:
 
 
 def default_model() -> Path:
-    """The shipped tiny LLaVA-NeXT-Video: the first artifacts/video/* folder holding such a model."""
-    for cfg in sorted((ROOT / "artifacts" / "video").glob("*/config.json")):
-        if '"llava_next_video"' in cfg.read_text():
-            return cfg.parent
-    raise FileNotFoundError(f"{ROOT / 'artifacts' / 'video'}: no shipped LLaVA-NeXT-Video model; pass --model")
+    """The shipped long-video LLaVA-NeXT-Video (named, not searched for: a second model folder must not
+    change what the default evaluates)."""
+    if not (MODEL_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"{MODEL_DIR}: the shipped video model is missing; pass --model")
+    return MODEL_DIR
 
 
-def default_data(benchmark: str) -> Path:
-    """The shipped synthetic set, regenerated into runs/ from its seed when only the seed is shipped."""
-    if benchmark != "synthetic":
-        raise ValueError(f"--data is required for --benchmark {benchmark} (the benchmark's local folder)")
-    if (SYNTH_DIR / "lvb_val.json").is_file():
-        return SYNTH_DIR
-    if not (SYNTH_REGEN_DIR / "lvb_val.json").is_file():
-        from tasks.synth_video import generate_lvb
+def synthetic_items(n_videos: int | None = None, lengths: tuple[int, ...] = lv.OFFICIAL_FRAMES,
+                    limit: int | None = None) -> list[VideoItem]:
+    """The held-out test split of the long-video task (tasks/long_video.py), one item per video, in memory."""
+    videos = lv.make_split("test", n_videos, lengths)[:limit] if limit else lv.make_split("test", n_videos, lengths)
+    return [VideoItem(f"long_{v.seed}", f"long_{v.seed}.mp4", lv.qa_examples(v), synthetic=v) for v in videos]
 
-        print(f"regenerating the synthetic set (seed {SYNTH_SEED}) into {SYNTH_REGEN_DIR}", flush=True)
-        generate_lvb(SYNTH_REGEN_DIR, SYNTH_VIDEOS, SYNTH_SEED, overwrite=True)
-    return SYNTH_REGEN_DIR
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """'64,80' -> (64, 80): video lengths (frames) of the synthetic set; one-line errors."""
+    try:
+        lengths = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--synthetic-lengths must be comma-separated integers, got {text!r}") from None
+    bad = [n for n in lengths if not 64 <= n <= 128]
+    if bad:
+        raise ValueError(f"--synthetic-lengths: {bad} outside 64-128 frames (the task's video lengths)")
+    return lengths
 
 
 def load_items(
     benchmark: str,
-    data_dir: str | Path,
+    data_dir: str | Path | None,
     limit: int | None = None,
     split: str = "val",
     tasks: tuple[str, ...] = MLVU_DEV_TASKS,
+    synthetic_videos: int | None = None,
+    synthetic_lengths: tuple[int, ...] = lv.OFFICIAL_FRAMES,
 ) -> list[VideoItem]:
     """Questions of the benchmark grouped by video (first-seen order), optionally the first `limit` videos.
+
+    "synthetic" generates the long-video test split (`synthetic_videos`, default 100, of `synthetic_lengths`).
 
     Questions of one video that name different subtitle files or offsets get separate items, so every
     item has one video context.
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose from: {', '.join(BENCHMARKS)}")
+    if benchmark == "synthetic":
+        if data_dir is not None:
+            raise ValueError("--benchmark synthetic is generated from its seeds and reads no --data; for a written "
+                             "set (python -m tasks.long_video --out DIR) use --benchmark longvideobench --data DIR")
+        if split != "val" or tuple(tasks) != MLVU_DEV_TASKS:
+            raise ValueError("--split and --tasks apply to LongVideoBench / MLVU only (the synthetic set is always "
+                             "the long-video task's held-out test split)")
+        return synthetic_items(synthetic_videos, synthetic_lengths, limit)
+    if data_dir is None:
+        raise ValueError(f"--data is required for --benchmark {benchmark} (the benchmark's local folder)")
     if benchmark == "mlvu":
         if split != "val":
             raise ValueError("--split applies to LongVideoBench only (MLVU is read from its dev json files)")
@@ -183,6 +212,42 @@ def summarize(benchmark: str, items: list[VideoItem], split: str = "val", submis
     return fn
 
 
+def baseline_rows(items: list[VideoItem], results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """'chance' (a uniform guess: 1 / options, per question) and 'majority-letter' (always the most common
+    answer letter of the set; 0.20 on the balanced synthetic set) over the questions the policies answered
+    (the full cache's, else the first row's), with CIs and differences to the full cache on the same units.
+    Nothing on an unscored split."""
+    from transfer.stats import PairedBootstrap
+
+    ref = "full" if results.get("full", {}).get("units") else next(
+        (label for label, m in results.items() if m.get("units")), None)
+    if ref is None:
+        return {}
+    questions = {q.id: q for item in items for q in item.questions}
+    units = [tuple(u) for u in results[ref]["units"]]
+    letters = [questions[u[2]].answer_letter for u in units]
+    majority = max(sorted(set(letters)), key=letters.count)  # ties: the first letter
+    rows = {"chance": [(*u[:3], 1 / len(questions[u[2]].options)) for u in units],
+            "majority-letter": [(*u[:3], float(questions[u[2]].answer_letter == majority)) for u in units]}
+    table = PairedBootstrap({ref: units, **rows})
+    out = {}
+    for label, rs in rows.items():
+        per: dict[str, list[float]] = {}
+        for (_, _, qid, value) in rs:
+            q = questions[qid]
+            for key, group in q.groups.items():
+                if group:
+                    per.setdefault(f"dur {group}" if key == "duration_group" else group, []).append(value)
+        out[label] = {"policy": label, "score": table.score(label), "ci": table.ci(label), "n": table.n_units,
+                      "n_rows": table.n_rows, "kept_fraction": None, "units": [list(u) for u in rs],
+                      "per_task": {k: sum(v) / len(v) for k, v in per.items()},
+                      **({"letter": majority} if label == "majority-letter" else {})}
+        if ref == "full":
+            delta, lo, hi = table.diff(label, "full")
+            out[label].update(delta=delta, delta_ci=(lo, hi))
+    return out
+
+
 def write_submission(submission_dir: Path, policy: str, answered: list[dict[str, Any]]) -> Path:
     """lmms-eval's LongVideoBench test submission ({question id: raw reply}) for one policy, atomically."""
     file = Path(submission_dir) / slug(policy) / LVB_SUBMISSION_FILE
@@ -210,13 +275,20 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     run_options = RunOptions.from_args(args)
     device = run_options.resolved_device()
     start = time.time()
-    if args.frames <= 0:
-        raise ValueError(f"--frames must be positive, got {args.frames}")
-    data_dir = Path(args.data) if args.data else default_data(args.benchmark)
-    if args.subtitles and args.benchmark == "mlvu":
-        raise ValueError("--subtitles applies to LongVideoBench-layout data only (MLVU has no subtitle files)")
+    synthetic = args.benchmark == "synthetic"
+    frames = args.frames or (SYNTHETIC_FRAMES if synthetic else FILE_FRAMES)
+    if frames <= 0:
+        raise ValueError(f"--frames must be positive, got {frames}")
+    data_dir = Path(args.data) if args.data else None
+    if args.subtitles and args.benchmark != "longvideobench":
+        raise ValueError("--subtitles applies to LongVideoBench-layout data only (MLVU and the synthetic set have "
+                         "no subtitle files)")
     tasks = parse_mlvu_tasks(args.tasks)
-    items = load_items(args.benchmark, data_dir, args.limit, args.split, tasks)
+    # the synthetic set's size and lengths; ignored on files (a preset sets them, a --config may switch benchmark)
+    n_synth, lengths = args.synthetic_videos, parse_lengths(args.synthetic_lengths)
+    if not synthetic:
+        n_synth, lengths = lv.SPLIT_SIZE["test"], lv.OFFICIAL_FRAMES
+    items = load_items(args.benchmark, data_dir, args.limit, args.split, tasks, n_synth, lengths)
     model_path = str(args.model or default_model())
     dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -227,14 +299,17 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     max_new_tokens = args.max_new_tokens or default_tokens
     parser = "mlvu" if args.benchmark == "mlvu" else "longvideobench"
     config = {
-        "domain": "video", "benchmark": args.benchmark, "data": str(data_dir), "model": model_path,
-        "frames": args.frames, "chunk_size": args.chunk_size,
+        "domain": "video", "benchmark": args.benchmark, "model": model_path,
+        "data": "tasks/long_video.py test split, generated (video seeds from 2e12)" if synthetic else str(data_dir),
+        "frames": frames, "chunk_size": args.chunk_size,
         "max_new_tokens": max_new_tokens, "limit": args.limit, "seed": args.seed, "dtype": str(dtype),
         "n_videos": len(items), "n_questions": sum(len(i.questions) for i in items),
     }
     # Recorded (and in the run dir's name) only when not the default, so earlier default runs stay reusable.
     options = {"split": (args.split, "val"), "subtitles": (args.subtitles, False),
-               "frame_sampling": (args.frame_sampling, "lmms-eval"), "tasks": (list(tasks), list(MLVU_DEV_TASKS))}
+               "frame_sampling": (args.frame_sampling, "lmms-eval"), "tasks": (list(tasks), list(MLVU_DEV_TASKS)),
+               "synthetic_videos": (n_synth, lv.SPLIT_SIZE["test"]),
+               "synthetic_lengths": (list(lengths), list(lv.OFFICIAL_FRAMES))}
     extra = {k: v for k, (v, default) in options.items() if v != default}
     config.update(extra)
 
@@ -243,8 +318,11 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         for item in batch:
             t0 = time.time()
             try:
-                clip = read_video(item.video_path, args.frames, size=size, backend=args.backend,
-                                  sampling=args.frame_sampling, duration=item.duration)
+                if item.synthetic is not None:
+                    clip = synthetic_clip(item.synthetic, frames, args.frame_sampling, size)
+                else:
+                    clip = read_video(item.video_path, frames, size=size, backend=args.backend,
+                                      sampling=args.frame_sampling, duration=item.duration)
                 visual = subtitle_visual(item, clip.timestamps, video_token) if args.subtitles else video_token
             except (VideoError, FileNotFoundError, ValueError) as err:  # this video only; the run goes on
                 print(f"skipping video: {err}", flush=True)
@@ -271,10 +349,11 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                          "seconds": time.time() - t0, "questions": questions})
         return rows
 
-    out = Path(args.out) / slug(args.benchmark, Path(model_path).name, f"{args.frames}f",
+    out = Path(args.out) / slug(args.benchmark, Path(model_path).name, f"{frames}f",
                                 f"ui{run_options.update_interval}", *(option_slug(k, v) for k, v in extra.items()))
     summary = summarize(args.benchmark, items, args.split, out / "submissions")
     results = evaluate_policies(items, evaluate_batch, summary, out, config, run_options, units=question_units)
+    results.update(baseline_rows(items, results))
     if args.benchmark == "mlvu":
         averaged = max((m.get("m_avg_tasks", []) for m in results.values()), key=len, default=[])
         metric = f"M-Avg over {len(averaged)} of {len(MLVU_DEV_TASKS)} tasks: {', '.join(averaged)}"
@@ -282,7 +361,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         metric = "test split, not scored" if args.split == "test" else "accuracy"
     sampling = f", {args.frame_sampling} sampling" if args.frame_sampling != "lmms-eval" else ""
     subtitles = ", subtitles" if args.subtitles else ""
-    title = f"Video QA: {args.benchmark} ({Path(model_path).name}, {args.frames} frames{sampling}{subtitles}, {metric})"
+    title = f"Video QA: {args.benchmark} ({Path(model_path).name}, {frames} frames{sampling}{subtitles}, {metric})"
     print_domain_table(title, results, time.time() - start, run_options.header())
     errors = max((m.get("errors", 0) for m in results.values()), default=0)
     if errors:
@@ -293,24 +372,37 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return results
 
 
+def synthetic_clip(video: lv.LongVideo, frames: int, sampling: str, size: int | None) -> Any:
+    """A generated video's frames as read_video would return a file's: the same sampling rules (the video
+    plays at tasks.long_video.FPS), resized when the model takes another square size."""
+    from adapters.llava_next_video import resize_frames
+    from tasks.video_io import Clip, frame_chooser
+
+    indices = frame_chooser(sampling, frames, video.num_frames / lv.FPS)(video.num_frames, lv.FPS)  # (F,)
+    pixels = lv.eval_frames(video, indices)  # (F, 84, 84, 3) uint8
+    if size is not None and size != lv.SIZE:
+        pixels = resize_frames(pixels, size)
+    return Clip(pixels, np.asarray(indices), float(lv.FPS), video.num_frames)
+
+
 def option_slug(key: str, value: Any) -> str:
     """Run-dir name part of a non-default option (the MLVU task list is named by its members)."""
-    if key == "tasks":
-        return "tasks-" + "+".join(value)
+    if key in ("tasks", "synthetic_lengths"):
+        return key.replace("_", "-") + "-" + "+".join(map(str, value))
     if value is True:
         return key
     return f"{key}-{value}"
 
 
-def eviction_history(namm: str | None = None, frames: int = 32, update_interval: int = 128) -> tuple[list, int]:
-    """The NAMM's eviction record on the first video of the shipped synthetic set (for the report's map)."""
+def eviction_history(namm: str | None = None, frames: int = SYNTHETIC_FRAMES,
+                     update_interval: int = 256) -> tuple[list, int]:
+    """The NAMM's eviction record on the first video of the synthetic test set (for the report's map)."""
     from adapters.llava_next_video import LlavaNextVideoAdapter, processor_frame_size
-    from tasks.video_io import read_frames
     from transfer.policies import make_policy
 
-    item = load_items("synthetic", default_data("synthetic"), 1)[0]
+    item = synthetic_items(limit=1)[0]
     adapter = LlavaNextVideoAdapter.from_pretrained(str(default_model()))
-    video = read_frames(item.video_path, frames, size=processor_frame_size(adapter.processor))
+    clip = synthetic_clip(item.synthetic, frames, "lmms-eval", processor_frame_size(adapter.processor))
     memory = adapter.new_memory(make_policy("namm", namm=namm), update_interval=update_interval, record=True)
-    adapter.answer_many(memory, video, [item.questions[0].prompt], max_new_tokens=4)
+    adapter.answer_many(memory, clip.frames, [item.questions[0].prompt], max_new_tokens=4)
     return memory.history, memory.n_fed

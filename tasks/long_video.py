@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.synth_video import BACKGROUND, COLORS, PALETTE
+from tasks.video_bench import LETTERS, VideoQAExample, lvb_prompt
 
 QUESTION_TYPES = ("needle", "count", "order", "first", "last")
 QUESTIONS = {
@@ -62,6 +63,7 @@ SPLIT_BASE = {"train": 0, "val": 10**12, "test": 2 * 10**12}
 SPLIT_SIZE = {"val": 50, "test": 100}  # videos (5 questions each): 250 / 500 questions
 _PAL = np.array(list(PALETTE.values()), dtype=np.uint8)  # (5, 3)
 _BG = np.array(BACKGROUND, dtype=np.uint8)
+EVAL_NOISE_STREAM = 1  # second word of the noise seed (the first is the video seed, whose stream makes the video)
 
 
 @dataclass
@@ -208,6 +210,48 @@ def render(video: LongVideo, indices: np.ndarray | list[int] | None = None, size
     return np.where(inside[..., None], color[:, None, None, :], _BG)  # (N, H, W, 3)
 
 
+def codec_like(frames: np.ndarray, rng: np.random.Generator | None, noise: float = 2.0) -> np.ndarray:
+    """What an H.264 yuv420p round trip does to flat colours, in numpy: chroma at half resolution (2x2
+    mean, bilinear back up as ``F.interpolate(align_corners=False)``), plus Gaussian pixel noise.
+    (N, H, W, 3) uint8 -> uint8, H and W even. Elementwise float32 numpy only (each operation correctly
+    rounded, no threads), so a seed gives the same frames on every machine and thread count; the
+    trainer's torch version (``train.video.codec_like``) makes the same frames up to the noise draw."""
+    x = frames.astype(np.float32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = np.float32(0.299) * r + np.float32(0.587) * g + np.float32(0.114) * b  # (N, H, W)
+    chroma = np.stack([b - y, r - y], axis=1)  # (N, 2, H, W)
+    n, _, h, w = chroma.shape
+    c = chroma.reshape(n, 2, h // 2, 2, w // 2, 2).mean((3, 5), dtype=np.float32)  # (N, 2, H/2, W/2)
+    c = _upsample2(_upsample2(c, 2), 3)  # (N, 2, H, W)
+    cb, cr = c[:, 0], c[:, 1]
+    g_out = y - np.float32(0.299 / 0.587) * cr - np.float32(0.114 / 0.587) * cb
+    rgb = np.stack([y + cr, g_out, y + cb], axis=-1)  # (N, H, W, 3)
+    if rng is not None and noise:
+        rgb = rgb + np.float32(noise) * rng.standard_normal(rgb.shape, dtype=np.float32)
+    return np.clip(rgb, 0, 255).round().astype(np.uint8)
+
+
+def _upsample2(c: np.ndarray, axis: int) -> np.ndarray:
+    """x2 bilinear along `axis` with half-pixel centres and edge clamping: out[2k] = .75 c[k] + .25 c[k-1],
+    out[2k+1] = .75 c[k] + .25 c[k+1]."""
+    pad = [(0, 0)] * c.ndim
+    pad[axis] = (1, 1)
+    e = np.pad(c, pad, mode="edge")
+    n = c.shape[axis]
+    mid, lo, hi = (np.take(e, np.arange(a, a + n), axis=axis) for a in (1, 0, 2))
+    even = np.float32(0.75) * mid + np.float32(0.25) * lo
+    odd = np.float32(0.75) * mid + np.float32(0.25) * hi
+    out = np.stack([even, odd], axis=axis + 1)
+    return out.reshape(*c.shape[:axis], 2 * n, *c.shape[axis + 1:])
+
+
+def eval_frames(video: LongVideo, indices: np.ndarray | list[int]) -> np.ndarray:
+    """Frames `indices` of a validation / test video as the evaluator sees them: rendered, then the
+    codec-like noise seeded by the video's seed alone (so a video looks the same in any subset of its
+    set, in any order), (N, SIZE, SIZE, 3) uint8."""
+    return codec_like(render(video, indices), np.random.default_rng([video.seed, EVAL_NOISE_STREAM]))
+
+
 def frame_colors(video: LongVideo, indices: np.ndarray | list[int]) -> np.ndarray:
     """Palette index of the object visible in each frame of `indices`, -1 where the frame is blank, (N,)."""
     idx = np.asarray(indices, dtype=np.int64)
@@ -318,6 +362,18 @@ def lvb_records(video: LongVideo) -> list[dict]:
     return [{"video_id": vid, "id": f"{vid}_{q['question_category']}", "video_path": f"{vid}.mp4",
              "duration": video.num_frames / FPS, "duration_group": video.num_frames, **q}
             for q in make_questions(video)]
+
+
+def qa_examples(video: LongVideo) -> list[VideoQAExample]:
+    """The video's five questions as the evaluator's examples (what ``load_longvideobench`` would read from
+    ``write_lvb``'s files: the same ids, prompts, answers and groups), for in-memory evaluation."""
+    return [VideoQAExample(id=r["id"], video_path=f"{r['video_id']}.mp4", question=r["question"],
+                           options=list(r["candidates"]), answer_letter=LETTERS[r["correct_choice"]],
+                           prompt=lvb_prompt(r["question"], r["candidates"]),
+                           groups={"duration_group": str(r["duration_group"]),
+                                   "question_category": r["question_category"]},
+                           duration=float(r["duration"]))
+            for r in lvb_records(video)]
 
 
 def write_lvb(split: str, out_dir: str | Path, n_videos: int | None = None, overwrite: bool = False,

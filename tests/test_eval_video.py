@@ -1,4 +1,5 @@
-"""`namm-transfer eval video` end to end on a tiny random model and mp4s in the LongVideoBench layout."""
+"""`namm-transfer eval video` end to end on a tiny random model and mp4s in the LongVideoBench layout, and the
+default: the shipped long-video model on the generated test split of tasks/long_video.py."""
 
 from __future__ import annotations
 
@@ -81,7 +82,10 @@ def _args(root, *extra):
 
 def test_eval_video_end_to_end_and_resume(setup, capsys, monkeypatch):
     results = video.run(_args(setup))
-    assert list(results) == ["namm", "full", "h2o@match"]
+    assert list(results) == ["namm", "full", "h2o@match", "chance", "majority-letter"]
+    # the answered questions' letters are A, B (v0) and C, D (v2): a tie, broken to the first letter
+    assert results["majority-letter"]["letter"] == "A" and results["majority-letter"]["score"] == 0.25
+    assert results["chance"]["score"] == pytest.approx(0.2) and results["chance"]["n"] == 2
     out = capsys.readouterr().out
     assert "h2o@match" in out and "could not be read" in out
     run_root = setup / "runs" / "longvideobench__model__8f__ui16"
@@ -129,7 +133,16 @@ def test_bad_inputs(setup):
     with pytest.raises(FileNotFoundError, match="config.json"):
         video.run(_args(setup, "--model", str(setup / "nothing")))
     with pytest.raises(ValueError, match="--data is required"):
-        video.default_data("mlvu")
+        video.load_items("mlvu", None)
+    with pytest.raises(ValueError, match="reads no --data"):
+        video.load_items("synthetic", setup / "lvb")
+    with pytest.raises(ValueError, match="--split and --tasks"):
+        video.load_items("synthetic", None, split="test")
+    for bad, match in (("64,x", "integers"), ("32", "outside 64-128"), ("64,200", "outside 64-128")):
+        with pytest.raises(ValueError, match=match):
+            video.parse_lengths(bad)
+    with pytest.raises(ValueError, match="multiple of 5"):
+        video.synthetic_items(7)
     with pytest.raises(ValueError, match="unknown policy"):
         video.run(_args(setup, "--policies", "full,lru"))
 
@@ -217,3 +230,74 @@ def test_mlvu_subset(setup, capsys):
         video.run(_args(setup, "--benchmark", "mlvu", "--data", str(setup / "mlvu"), "--policies", "full"))
     with pytest.raises(ValueError, match="--tasks applies to MLVU only"):
         video.run(_args(setup, "--tasks", "count"))
+
+
+def test_defaults_are_the_long_model_and_the_test_split():
+    """The default model is named (not the first folder found) and the options' defaults are the generated
+    test split's (eval/options.py repeats them to stay torch-free)."""
+    from tasks import long_video as lv
+
+    assert video.default_model() == video.ROOT / "artifacts" / "video" / "llava-next-video-long"
+    config = json.loads((video.default_model() / "config.json").read_text())
+    assert config["model_type"] == "llava_next_video" and config["text_config"]["max_position_embeddings"] >= 4608
+    p = argparse.ArgumentParser()
+    video.add_arguments(p)
+    args = p.parse_args([])
+    assert args.benchmark == "synthetic" and args.data is None and args.model is None and args.frames is None
+    assert args.synthetic_videos == lv.SPLIT_SIZE["test"]
+    assert video.parse_lengths(args.synthetic_lengths) == lv.OFFICIAL_FRAMES
+    items = video.synthetic_items()
+    seeds = [i.synthetic.seed for i in items]
+    assert len(items) == 100 and sum(len(i.questions) for i in items) == 500
+    assert min(seeds) >= lv.SPLIT_BASE["test"] and len(set(seeds)) == 100  # test seeds, never validation's
+    assert {i.synthetic.num_frames for i in items} == set(lv.OFFICIAL_FRAMES)
+    letters = [q.answer_letter for i in items for q in i.questions]
+    assert {x: letters.count(x) for x in "ABCDE"} == dict.fromkeys("ABCDE", 100)
+    assert [i.id for i in video.synthetic_items(limit=3)] == [i.id for i in items[:3]]
+
+
+def test_shipped_model_on_a_test_slice(tmp_path):
+    """`eval video` (default model, generated test set) on 2 quick-set videos: the replies are what HF's own
+    generate gives for the same frames and prompts (full cache), the frames are tasks.long_video's, the
+    baseline rows are exact, and a 25 % recency cache keeps a quarter."""
+    from transformers import LlavaNextVideoForConditionalGeneration
+
+    from adapters.llava_next_video import build_prompt, load_processor
+    from tasks import long_video as lv
+    from tasks.video_bench import parse_predictions
+
+    p = argparse.ArgumentParser()
+    video.add_arguments(p)
+    args = p.parse_args(["--synthetic-videos", "5", "--synthetic-lengths", "64", "--frames", "32", "--limit", "2",
+                         "--policies", "full,recency@0.25", "--out", str(tmp_path), "--device", "cpu"])
+    results = video.run(args)
+    run = tmp_path / "synthetic__llava-next-video-long__32f__ui256__synthetic-videos-5__synthetic-lengths-64"
+    config = json.loads((run / "full" / "config.json").read_text())
+    assert config["n_videos"] == 2 and config["n_questions"] == 10 and config["synthetic_lengths"] == [64]
+    rows = [json.loads(line) for line in (run / "full" / "predictions.jsonl").read_text().splitlines()]
+    model = LlavaNextVideoForConditionalGeneration.from_pretrained(video.default_model())
+    proc = load_processor(video.default_model())
+    items = video.synthetic_items(5, (64,), 2)
+    correct = []
+    for row, item in zip(rows, items):
+        idx = lv.sample_frames(64, 32)
+        assert row["id"] == item.id and row["frame_indices"] == idx.tolist()
+        frames = lv.eval_frames(item.synthetic, idx)
+        replies = []
+        for q in item.questions:
+            enc = proc(text=build_prompt(q.prompt), videos=frames)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+            replies.append(proc.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())
+        preds = parse_predictions(item.questions, replies, "longvideobench", 0)
+        assert [q["pred"] for q in row["questions"]] == preds
+        correct += [x == q.answer_letter for x, q in zip(preds, item.questions)]
+    assert results["full"]["score"] == pytest.approx(np.mean(correct)) and results["full"]["n"] == 2
+    assert results["full"]["kept_fraction"] == 1.0
+    assert results["recency@0.25"]["kept_fraction"] == pytest.approx(0.25, abs=0.02)
+    answers = [q.answer_letter for i in items for q in i.questions]
+    majority = max(sorted(set(answers)), key=answers.count)
+    assert results["chance"]["score"] == pytest.approx(0.2)
+    assert results["majority-letter"]["score"] == pytest.approx(np.mean([a == majority for a in answers]))
+    assert results["majority-letter"]["delta"] == pytest.approx(results["majority-letter"]["score"] - np.mean(correct))
+    assert results["chance"]["per_task"]["dur 64"] == pytest.approx(0.2)

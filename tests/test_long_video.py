@@ -132,3 +132,67 @@ def test_lvb_layout_roundtrip(tmp_path):
 def test_render_speed():
     """The training stream's renderer: well above 1k frames/s on one (shared) core."""
     assert lv.bench(seconds=0.5) > 1000
+
+
+def test_codec_like_matches_the_trainers_and_adds_the_noise():
+    """The evaluator's numpy codec is the trainer's torch one (train.video.codec_like) bit for bit without
+    noise, on arbitrary frames; with noise it adds N(0, 2^2) pixel noise."""
+    torch = pytest.importorskip("torch")
+    from train.video import codec_like
+
+    x = np.random.default_rng(0).integers(0, 256, (3, 12, 16, 3)).astype(np.uint8)
+    ours = lv.codec_like(x, None)
+    theirs = codec_like(torch.from_numpy(x), noise=0.0).numpy()
+    assert ours.dtype == np.uint8 and ours.shape == x.shape
+    assert np.array_equal(ours, theirs.astype(np.uint8))
+    flat = np.full((40, 32, 32, 3), 128, np.uint8)  # grey: no clipping, no chroma edges
+    noisy = lv.codec_like(flat, np.random.default_rng(1)).astype(float) - 128
+    assert abs(noisy.std() - 2.0) < 0.05 and abs(noisy.mean()) < 0.05
+    with pytest.raises(ValueError):
+        lv.codec_like(np.zeros((1, 5, 6, 3), np.uint8), None)  # odd height: no 2x2 chroma blocks
+
+
+def test_eval_frames_are_deterministic_per_video(tmp_path):
+    """A test video's evaluation frames depend on its seed and frame indices only: the same in any subset or
+    order of the set, in another process with one thread; the noise is real (not the clean render) and the
+    task stays well-posed through it."""
+    import subprocess
+    import sys
+
+    test = lv.make_split("test")
+    idx = lv.sample_frames(test[3].num_frames, 128)
+    a = lv.eval_frames(test[3], idx)
+    assert a.shape == (128, lv.SIZE, lv.SIZE, 3) and a.dtype == np.uint8
+    for _ in range(2):
+        lv.eval_frames(test[0], idx)  # other draws in between change nothing
+    assert np.array_equal(lv.eval_frames(test[3], idx), a)
+    assert np.array_equal(lv.eval_frames(lv.make_split("test")[3], idx), a)
+    clean = lv.render(test[3], idx)
+    assert not np.array_equal(a, clean) and np.abs(a.astype(int) - clean).mean() < 4
+    assert not np.array_equal(lv.eval_frames(test[4], lv.sample_frames(test[4].num_frames, 128)), a)
+    np.save(tmp_path / "here.npy", a)
+    code = ("import numpy as np, sys; from tasks import long_video as lv; v = lv.make_split('test')[3]; "
+            "np.save(sys.argv[1], lv.eval_frames(v, lv.sample_frames(v.num_frames, 128)))")
+    env = {k: v for k, v in __import__("os").environ.items()} | {
+        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "there.npy")], check=True, env=env)
+    assert np.array_equal(np.load(tmp_path / "there.npy"), a)
+    for v in test[:5]:  # what the model sees still answers every question
+        frames = lv.eval_frames(v, lv.sample_frames(v.num_frames, 128))
+        assert all(lv.oracle_answer(frames, q) == q["correct_choice"] for q in lv.make_questions(v))
+
+
+def test_qa_examples_are_what_the_loader_reads(tmp_path):
+    """The in-memory examples equal load_longvideobench's reading of write_lvb's files (ids, prompts, answers,
+    groups, durations), so the generated set and a written one score alike."""
+    pytest.importorskip("av")
+    from tasks.video_bench import load_longvideobench
+
+    out = lv.write_lvb("test", tmp_path / "t", n_videos=5, lengths=(64,))
+    read = load_longvideobench(out)
+    ours = [e for v in lv.make_split("test", 5, (64,)) for e in lv.qa_examples(v)]
+    assert len(ours) == 25
+    for a, b in zip(ours, read):
+        assert b.video_path.endswith("/videos/" + a.video_path)
+        assert (a.id, a.question, a.options, a.answer_letter, a.prompt, a.groups, a.duration) == (
+            b.id, b.question, b.options, b.answer_letter, b.prompt, b.groups, b.duration)
