@@ -22,6 +22,7 @@ import torch
 
 from tasks.language import answer_batch
 from transfer.policies.base import Keep, LayerView, ScoredPolicy, Selection, gather_state, protected_mask
+from transfer.policies.namm import NAMMStack, stackable
 
 
 def _view_rows(view: LayerView, start: int, stop: int) -> LayerView:
@@ -120,18 +121,42 @@ class RowGroups:
         return merged, out
 
 
+def stack_policies(policies: Sequence[Any], sizes: Sequence[int]) -> tuple[list[Any], list[int]]:
+    """Merge each run of consecutive NAMMs that differ only in their parameters into one `NAMMStack`.
+
+    A stack scores all its members' rows in one batched update, so a pass of 40 members costs one
+    update per layer instead of 40 (each with its own kernels and host syncs). Returns (policies, rows).
+    """
+    parts: list[Any] = []
+    part_sizes: list[int] = []
+    runs: list[tuple[list[Any], list[int]]] = []
+    for policy, size in zip(policies, sizes):
+        if runs and stackable([runs[-1][0][0], policy]):
+            runs[-1][0].append(policy)
+            runs[-1][1].append(size)
+        else:
+            runs.append(([policy], [size]))
+    for members, rows in runs:
+        parts.append(members[0] if len(members) == 1 else NAMMStack.from_policies(members, rows))
+        part_sizes.append(sum(rows))
+    return parts, part_sizes
+
+
 def answer_groups(
     adapter: Any,
     tokenizer: Any,
     groups: Sequence[tuple[Callable[[], Any], list[Any]]],
     update_interval: int,
     rows_per_pass: int,
+    stack: bool = True,
 ) -> list[list[dict[str, Any]]]:
     """Answer each group's examples under its own policy, many groups per forward (`rows_per_pass` rows).
 
     groups: (policy factory, synthetic examples). Returns one list of `answer_batch` rows per group, in
     order. A policy object is made once per group and serves every pass its rows fall in (policies keep
-    their per-sequence state in the memory, not in themselves).
+    their per-sequence state in the memory, not in themselves). `stack`: consecutive NAMMs that differ only
+    in their parameters run as one `NAMMStack` (False: one update per member, the slower path the
+    benches compare with).
     """
     rows = [(g, ex) for g, (_, examples) in enumerate(groups) for ex in examples]
     policies = [factory() for factory, _ in groups]
@@ -146,10 +171,12 @@ def answer_groups(
             else:
                 owners.append(g)
                 sizes.append(1)
-        if len(owners) == 1:  # one policy: exactly answer_batch
-            factory: Callable[[], Any] = lambda p=policies[owners[0]]: p  # noqa: E731
+        members = [policies[g] for g in owners]
+        parts, part_sizes = stack_policies(members, sizes) if stack else (members, sizes)
+        if len(parts) == 1:  # one policy (or one stack of NAMMs): exactly answer_batch
+            factory: Callable[[], Any] = lambda p=parts[0]: p  # noqa: E731
         else:
-            factory = lambda o=owners, s=sizes: RowGroups([policies[g] for g in o], s)  # noqa: E731
+            factory = lambda p=parts, s=part_sizes: RowGroups(p, s)  # noqa: E731
         answered = answer_batch(adapter, tokenizer, factory, [ex for _, ex in chunk], update_interval)
         for (g, _), row in zip(chunk, answered):
             out[g].append(row)

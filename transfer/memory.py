@@ -37,6 +37,9 @@ from transfer.policies.base import Keep, LayerView, MemoryPolicy, Selection
 ATTN_IMPLEMENTATION = "namm_transfer"
 # Not cuDNN: it builds a plan per sequence length, and a cache's length changes at every chunk and update.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Padded or ragged caches on CUDA: flash attention with a per-key penalty instead of a slot mask (False: the
+# masked path, which bench/population_speed.py measures side by side)
+PENALISED_FLASH = True
 _ACTIVE: contextvars.ContextVar[KVMemory | None] = contextvars.ContextVar("namm_memory", default=None)
 
 
@@ -200,10 +203,11 @@ class KVMemory:
     ) -> torch.Tensor:
         """The layer's attention output for this chunk: (batch, n, q_heads, d)."""
         n = query.shape[2]
-        if self._causal_only(st, sliding_window) and (
-            n == 1 or (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16))
-        ):
+        flash = query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+        if self._causal_only(st, sliding_window) and (n == 1 or flash):
             return _causal_sdpa(query, key, value, scaling)
+        if flash and PENALISED_FLASH and sliding_window is None:  # invalid entries: flash with a key penalty
+            return _penalised_causal_sdpa(query, key, value, st.valid, scaling)
         mask = _slot_mask(st.slots, st.valid, self._chunk_slots, sliding_window)  # (batch, kv_heads, n, n_keys)
         return _grouped_sdpa(query, key, value, mask, scaling)
 
@@ -216,7 +220,7 @@ class KVMemory:
         q_slots = torch.cat(st.query_slots, dim=1)  # (batch, n_new)
         q_valid = torch.cat(st.query_valid, dim=1)
         return attention_slice(queries, key, st.slots, st.valid, q_slots, q_valid, scaling, sliding_window,
-                               self._causal_only(st, sliding_window))
+                               self._causal_only(st, sliding_window), ordered=True)
 
     def _update_layer(
         self,
@@ -355,6 +359,32 @@ def _causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sc
     return out.transpose(1, 2).contiguous()
 
 
+def _penalised_causal_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """`_causal_sdpa` for a cache with invalid entries (padding, a sequence's evicted surplus): no mask tensor.
+
+    The cache is in token order with the chunk's own tokens last, so causality is lower-right aligned
+    whatever was evicted; only validity varies per key. One extra q/k dimension (q: 1, k: 0 or -P with
+    P = finfo.max / 2) adds -P to the logit of every invalid key, whose weight then underflows to
+    exactly 0, and valid keys' logits gain an exact +0. So flash kernels serve padded and ragged
+    batches too, where a (batch, kv_heads, n, n_keys) boolean mask, its float copy and the masked
+    kernel used to cost several passes over n x n_keys per layer and chunk. The head dim is padded to
+    a multiple of 8 (zeros). Padding queries get finite garbage, as with the mask.
+    query (batch, q_heads, n, d), key/value (batch, kv_heads, n_keys, d), valid (batch, kv_heads, n_keys)
+    -> (batch, n, q_heads, d).
+    """
+    d = query.shape[-1]
+    width = (d + 1 + 7) // 8 * 8
+    penalty = -torch.finfo(key.dtype).max / 2
+    q = F.pad(query, (0, width - d))
+    q[..., d] = 1.0
+    k = F.pad(key, (0, width - d))
+    k[..., d] = (~valid).to(key.dtype) * penalty
+    v = F.pad(value, (0, width - d))
+    return _causal_sdpa(q, k, v, scaling)[..., :d].contiguous()
+
+
 # logits per block in attention_slice: bounds the transient memory on CUDA; on the CPU small enough for
 # the processor's cache (the softmax and the GQA sum then run several times faster)
 _SLICE_ELEMENTS = {"cuda": 1 << 27, "cpu": 1 << 19}
@@ -370,6 +400,7 @@ def attention_slice(
     scaling: float,
     sliding_window: int | None = None,
     causal_only: bool = False,
+    ordered: bool = False,
 ) -> torch.Tensor:
     """Row-softmax attention of the buffered queries over the cached keys, averaged over each KV group.
 
@@ -378,7 +409,9 @@ def attention_slice(
     returned in the model's dtype, then the GQA mean in fp32. Causal by slot, padding masked; padding
     query rows are zero. KV heads go in groups so the transient logits stay bounded however long the
     cache. `causal_only` (every key valid, no window, the last n_q keys being the queries' own tokens)
-    masks only that last block.
+    masks only that last block. `ordered` (keys in token order, the last n_q being the queries' own tokens,
+    as in the memory; some keys may be invalid) masks invalid keys and that last block's future, the
+    same entries as the general slot comparison, without building the comparison.
     queries (batch, q_heads, n_q, d), keys (batch, kv_heads, n_keys, d) -> (batch, kv_heads, n_q, n_keys) fp32
     """
     b, hq, nq, d = queries.shape
@@ -389,7 +422,12 @@ def attention_slice(
     elements = _SLICE_ELEMENTS["cuda" if queries.is_cuda else "cpu"]
     step_h = max(1, elements // (b * g * nq * nk))
     step_q = nq if step_h > 1 else max(1, min(nq, elements // (b * g * nk)))
-    future = torch.ones(nq, nq, dtype=torch.bool, device=queries.device).triu_(1) if causal_only else None
+    # Without a window the cache is in token order with the queries' own tokens last: a key is allowed iff
+    # valid, and, among those last n_q, not after the query. That masks the same entries as the slot
+    # comparison of `_allowed` (so the result is identical) without building it per block.
+    ordered = causal_only or (ordered and sliding_window is None)
+    future = torch.ones(nq, nq, dtype=torch.bool, device=queries.device).triu_(1) if ordered else None
+    invalid = None if causal_only else ~valid[:, :, None, None, :]  # (batch, kv_heads, 1, 1, n_keys)
     for h0 in range(0, h, step_h):
         for q0 in range(0, nq, step_q):
             hs, qs = slice(h0, h0 + step_h), slice(q0, q0 + step_q)
@@ -397,7 +435,9 @@ def attention_slice(
             # one GEMM per KV head over its g query heads: (batch, heads, g * block, n_keys), model dtype
             logits = torch.matmul(qb.reshape(b, qb.shape[1], -1, d), keys[:, hs].transpose(-1, -2))
             logits = logits.view(*qb.shape[:-1], nk)  # (batch, heads, g, block, n_keys)
-            if causal_only:
+            if ordered:
+                if invalid is not None:
+                    logits.masked_fill_(invalid[:, hs], float("-inf"))
                 logits[..., nk - nq :].masked_fill_(future[qs], float("-inf"))
             else:
                 allowed = _allowed(slots[:, hs], valid[:, hs], q_slots[:, qs], sliding_window)

@@ -76,17 +76,25 @@ class NAMMParams:
 
     @classmethod
     def from_flat(cls, theta: Tensor, cfg: NAMMConfig = NAMMConfig()) -> NAMMParams:
+        """theta (param_size,) -> one network; theta (rows, param_size) -> one network per batch row
+        (every block then has a leading rows dim; `bam_scores` scores row b with network b)."""
         size = param_size(cfg)
-        if theta.dim() != 1 or theta.numel() != size:
-            raise ValueError(f"NAMM parameter vector must have shape [{size}], got {list(theta.shape)}")
+        if theta.dim() not in (1, 2) or theta.shape[-1] != size:
+            raise ValueError(f"NAMM parameters must have shape [{size}] or [rows, {size}], got {list(theta.shape)}")
         f, d = cfg.n_features, cfg.hidden_dim
         shapes = [(f, 3 * d), (3 * d,), (d, 2 * f), (2 * f,), (f, 1), (1,)]
+        lead = tuple(theta.shape[:-1])
         parts, start = [], 0
         for shape in shapes:
             n = math.prod(shape)
-            parts.append(theta[start : start + n].view(shape))
+            parts.append(theta[..., start : start + n].reshape(*lead, *shape))
             start += n
         return cls(*parts)
+
+    @property
+    def per_row(self) -> bool:
+        """True when the blocks carry a leading batch-rows dim (one network per sequence)."""
+        return self.b_m.dim() == 2
 
     def flat(self) -> Tensor:
         return torch.cat([p.reshape(-1) for p in self.blocks()])
@@ -250,7 +258,8 @@ def bam_scores(x: Tensor, params: NAMMParams, valid: Tensor | None = None,
                attention_dtype: torch.dtype | None = None) -> Tensor:
     """BAM scorer: one-head backward self-attention (token i sees j >= i), gated residual, linear head.
 
-    x (batch, heads, n_keys, F) in cache order -> scores (batch, heads, n_keys). The backward mask is a
+    x (batch, heads, n_keys, F) in cache order -> scores (batch, heads, n_keys); `params` is one network
+    or one per batch row (`NAMMParams.from_flat` of a (batch, param_size) matrix). The backward mask is a
     causal mask on the flipped token axis, so SDPA runs without an O(n_keys^2) mask. Padded keys are
     excluded by an extra q/k dimension that adds -1e9 to their logits (exactly zero weight, like the
     reference's finfo.min); padded queries get finite garbage that callers overwrite.
@@ -258,7 +267,10 @@ def bam_scores(x: Tensor, params: NAMMParams, valid: Tensor | None = None,
     kernels; projections, gate and head stay in x's dtype. None keeps the reference's fp32 throughout.
     """
     p = params.to(x.device, x.dtype)
-    d = p.w_o.shape[0]
+    if p.per_row:  # one network per sequence (a stacked CMA-ES population): broadcast over heads and keys
+        p = NAMMParams(p.w_qkv[:, None], p.b_qkv[:, None, None], p.w_o[:, None], p.b_o[:, None, None],
+                       p.w_m[:, None], p.b_m[:, None])
+    d = p.w_o.shape[-2]
     n_feat = x.shape[-1]
     qkv = x @ p.w_qkv + p.b_qkv  # (batch, heads, n_keys, 3 * hidden)
     q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]

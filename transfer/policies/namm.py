@@ -99,6 +99,72 @@ class NAMMPolicy(ScoredPolicy):
 
 
 @dataclass
+class NAMMStack(NAMMPolicy):
+    """Several NAMMs (e.g. CMA-ES members) over contiguous blocks of batch rows, scored in ONE call.
+
+    `theta` (members, param_size) and `sizes` (rows of each member, in batch order). Every step of an
+    update is per sequence (features, BAM, the per-sequence selection rule, budgets, protection), so
+    rows b of member m decide exactly as member m's own `NAMMPolicy` would on them, while the whole
+    batch runs as one set of kernels instead of one set per member (no Python loop over members, one
+    host sync per layer update instead of one per member). All members share config, statistics,
+    precision, budget and protection; `stackable` says whether a list of policies can be stacked.
+    """
+
+    name: ClassVar[str] = "namm-stack"
+    description: ClassVar[str] = "several NAMMs over blocks of rows in one batched update (CMA-ES populations)"
+    sizes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.collect_norm:
+            raise ValueError("NAMMStack scores members; the statistics pass runs one NAMMPolicy")
+        if self.theta.dim() != 2 or self.theta.shape[0] != len(self.sizes) or min(self.sizes, default=0) < 1:
+            raise ValueError("NAMMStack needs theta (members, param_size) and one positive row count per member")
+        ScoredPolicy.__post_init__(self)
+        if self.precision not in ("fp32", "fast"):
+            raise ValueError(f"precision must be 'fp32' or 'fast', got {self.precision!r}")
+        self._device_params = {}
+
+    @classmethod
+    def from_policies(cls, policies: list[NAMMPolicy], sizes: list[int]) -> NAMMStack:
+        """The stack of `policies` (each over `sizes[i]` consecutive rows); see `stackable`."""
+        if not stackable(policies):
+            raise ValueError("these policies differ in more than their parameters and cannot be stacked")
+        first = policies[0]
+        return cls(theta=torch.stack([p.theta.reshape(-1) for p in policies]), norm=first.norm, config=first.config,
+                   precision=first.precision, budget=first.budget, protect_recent=first.protect_recent,
+                   protect_sink=first.protect_sink, sizes=list(sizes))
+
+    def _params_on(self, device: torch.device) -> NAMMParams:
+        """One network per batch row: (rows, param_size) parameters, member m repeated over its rows."""
+        if device not in self._device_params:
+            counts = torch.tensor(self.sizes)
+            rows = self.theta.repeat_interleave(counts, dim=0)  # (batch, param_size)
+            self._device_params[device] = NAMMParams.from_flat(rows.to(device), self.config)
+        return self._device_params[device]
+
+    def score(self, view: LayerView, state: NAMMBuffers | None) -> tuple[torch.Tensor, NAMMBuffers]:
+        if view.attn.shape[0] != sum(self.sizes):
+            raise ValueError(f"NAMMStack covers {sum(self.sizes)} rows, the batch has {view.attn.shape[0]}")
+        return super().score(view, state)
+
+
+def stackable(policies: list[Any]) -> bool:
+    """True when `policies` are plain NAMMPolicy objects that differ only in their parameters."""
+    if not policies or any(type(p) is not NAMMPolicy or p.collect_norm for p in policies):
+        return False
+    first = policies[0]
+
+    def same_norm(a: NormStats | None, b: NormStats | None) -> bool:
+        if a is None or b is None:
+            return a is b
+        return a is b or (a.count == b.count and torch.equal(a.mean, b.mean) and torch.equal(a.var, b.var))
+
+    return all(p.config == first.config and p.precision == first.precision and p.budget == first.budget
+               and p.protect_recent == first.protect_recent and p.protect_sink == first.protect_sink
+               and same_norm(p.norm, first.norm) and p.theta.numel() == first.theta.numel() for p in policies)
+
+
+@dataclass
 class NAMMSink(NAMMPolicy):
     """The evolved NAMM that also keeps the first `n_sink` tokens (attention sinks, as StreamingLLM does).
 
