@@ -69,7 +69,11 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for env in args.env.split(","):
         name = get_spec(env).name
         if seeds:
+            from eval.tables import print_domain_table
+
             per_env[name] = pool_seeds({s: evaluate_env(name, args, s) for s in seeds})
+            print_domain_table(f"Offline RL: {name}, training seeds {args.train_seeds} pooled (D4RL-normalised score)",
+                               per_env[name], header=RunOptions.from_args(args).header())
         else:
             per_env[name] = evaluate_env(name, args)
     return per_env[next(iter(per_env))] if len(per_env) == 1 else pool_strata(per_env)

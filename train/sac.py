@@ -83,6 +83,7 @@ class SACConfig:
     n_envs: int = 1
     train_freq: int = 8  # rounds of n_envs env steps between gradient phases
     utd: int = 1  # gradient steps per env step
+    unroll: int = 0  # gradient steps unrolled per scan iteration (0: all of them; fewer compile faster)
     batch_size: int = 256
     lr: float = 3e-4
     gamma: float = 0.99
@@ -258,7 +259,7 @@ def _functions(cfg: SACConfig, obs_dim: int, act_dim: int):
 
     @jax.jit
     def train(st, batches):  # unrolled: an XLA while loop syncs with the host every iteration on GPU
-        st, stats = jax.lax.scan(one_step, st, batches, unroll=True)
+        st, stats = jax.lax.scan(one_step, st, batches, unroll=cfg.unroll or True)
         return st, stats.mean(0)
 
     @jax.jit
