@@ -301,3 +301,25 @@ def test_shipped_model_on_a_test_slice(tmp_path):
     assert results["majority-letter"]["score"] == pytest.approx(np.mean([a == majority for a in answers]))
     assert results["majority-letter"]["delta"] == pytest.approx(results["majority-letter"]["score"] - np.mean(correct))
     assert results["chance"]["per_task"]["dur 64"] == pytest.approx(0.2)
+
+
+def test_memory_and_sink_lines_follow_the_paired_cis():
+    """The report's memory-matters check (full minus recency@0.25) and sink study (namm minus namm-sink) per
+    domain: the paired bootstrap's numbers, worded by the CI; a domain without the rows says nothing."""
+    from eval.reproduce import SINK, memory_and_sinks
+    from transfer.stats import PairedBootstrap
+
+    def units(values):
+        return [["", f"v{i // 5}", f"q{i}", float(x)] for i, x in enumerate(values)]
+
+    rng = np.random.default_rng(0)
+    full = rng.random(100) < 0.9
+    res = {"full": {"units": units(full), "kept_fraction": 1.0},
+           "recency@0.25": {"units": units(full & (rng.random(100) < 0.5)), "kept_fraction": 0.25},
+           "namm": {"units": units(full), "kept_fraction": 0.5}, "namm-sink": {"units": units(full), "kept_fraction": 0.5}}
+    (line,) = memory_and_sinks({"video": res, "rl": {"full": res["full"]}})
+    d = PairedBootstrap({k: [tuple(u) for u in res[k]["units"]] for k in ("full", "recency@0.25")}).diff(
+        "full", "recency@0.25")
+    assert line.startswith("- **video**: memory matters? full cache minus 25 % recency: ")
+    assert f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}], better (kept 100.0/25.0 %, n = 20)" in line
+    assert f"first {SINK} tokens: +0.000 [+0.000, +0.000], within noise" in line
