@@ -316,7 +316,8 @@ def test_memory_and_sink_lines_follow_the_paired_cis():
     full = rng.random(100) < 0.9
     res = {"full": {"units": units(full), "kept_fraction": 1.0},
            "recency@0.25": {"units": units(full & (rng.random(100) < 0.5)), "kept_fraction": 0.25},
-           "namm": {"units": units(full), "kept_fraction": 0.5}, "namm-sink": {"units": units(full), "kept_fraction": 0.5}}
+           "namm": {"units": units(full), "kept_fraction": 0.5},
+           "namm-sink": {"units": units(full), "kept_fraction": 0.5}}
     (line,) = memory_and_sinks({"video": res, "rl": {"full": res["full"]}})
     d = PairedBootstrap({k: [tuple(u) for u in res[k]["units"]] for k in ("full", "recency@0.25")}).diff(
         "full", "recency@0.25")

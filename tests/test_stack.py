@@ -83,8 +83,8 @@ def test_per_row_parameters_score_each_row_with_its_own_network():
     for i in range(4):
         alone = bam_scores(x[i : i + 1], NAMMParams.from_flat(thetas[i]), valid[i : i + 1])
         torch.testing.assert_close(stacked[i : i + 1], alone, rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(stacked[i : i + 1], bam_scores(x[i : i + 1], NAMMParams.from_flat(thetas[(i + 1) % 4]),
-                                                                 valid[i : i + 1]), rtol=1e-2, atol=1e-2)
+        other = bam_scores(x[i : i + 1], NAMMParams.from_flat(thetas[(i + 1) % 4]), valid[i : i + 1])
+        assert not torch.allclose(stacked[i : i + 1], other, rtol=1e-2, atol=1e-2)
 
 
 def _view(b: int, h: int, nk: int, n_new: int, seed: int, attn_valid: bool) -> LayerView:
