@@ -27,6 +27,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from transfer.memory import ATTN_IMPLEMENTATION, KVMemory, register_attention
+from transfer.static_cache import StaticDecoder, StaticKV, default_capacity
 
 
 def install_memory_attention(model: PreTrainedModel) -> None:
@@ -92,6 +93,37 @@ class Adapter:
                 out = forward(start, end, positions)
             start = end
         return out
+
+    # -- decoding through a compacting static cache (transfer/static_cache.py) ----------------------
+    def static_forward(self, cache: StaticKV, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per row (batch, 1) at positions (batch, 1) with `cache` as past_key_values -> logits
+        (batch, vocab) fp32. Families that decode text implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not decode tokens")
+
+    def static_decoder(self, capacity: int, compile: bool | str = False) -> StaticDecoder:
+        """One decoder per (capacity, compile) and adapter, reused across calls: it compiles once."""
+        decoders = self.__dict__.setdefault("_static_decoders", {})
+        if (capacity, compile) not in decoders:
+            decoders[capacity, compile] = StaticDecoder(self.model, self.static_forward, capacity, compile)
+        return decoders[capacity, compile]
+
+    def static_decode(
+        self,
+        memory: KVMemory,
+        logits: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        compile: bool | str = False,
+        capacity: int | None = None,
+    ) -> torch.Tensor:
+        """`greedy_decode` on a static cache of `capacity` entries per layer (default: the policy's budget
+        plus one update interval); the memory gets its state back afterwards. Same tokens as the dynamic
+        decode; `compile` runs the step under torch.compile (a mode string, e.g. "reduce-overhead")."""
+        decoder = self.static_decoder(capacity or default_capacity(memory, max_new_tokens), compile).load(memory)
+        try:
+            return greedy_decode(logits, decoder.step, max_new_tokens, eos_token_id)
+        finally:
+            decoder.sync()
 
 
 def greedy_decode(

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from adapters.base import Adapter, greedy_decode
 from transfer.memory import KVMemory
+from transfer.static_cache import StaticKV
 
 
 class CausalLMAdapter(Adapter):
@@ -67,12 +68,23 @@ class CausalLMAdapter(Adapter):
         max_new_tokens: int = 32,
         eos_token_id: int | None = None,
         chunk_size: int = 512,
+        static: bool = False,
+        compile: bool | str = False,
     ) -> torch.Tensor:
         """Greedy decoding after a chunked prefill; the policy keeps running every update_interval tokens.
 
         Returns (batch, <= max_new_tokens) new token ids; rows that hit EOS are padded with EOS.
+        `static` decodes on a compacting static cache (same tokens), `compile` also compiles its step.
         """
         logits = self.prefill(memory, input_ids, attention_mask, chunk_size)
+        if static or compile:
+            return self.static_decode(memory, logits, max_new_tokens, eos_token_id, compile)
         return greedy_decode(
             logits, lambda token: self.prefill(memory, token[:, None]), max_new_tokens, eos_token_id
         )
+
+    def static_forward(self, cache: StaticKV, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The decode forward of `prefill` without the feeding: (batch, 1) tokens -> (batch, vocab) logits."""
+        out = self.model(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1].float()

@@ -29,6 +29,7 @@ from adapters.base import Adapter, greedy_decode
 from adapters.torch_video_processor import encode_video_prompts
 from transfer.atomic import read_json
 from transfer.memory import KVMemory
+from transfer.static_cache import StaticKV
 
 # ------------------------------------------------------------------------------------ runtime of the tiny model
 # Everything evaluation needs to run the shipped tiny model (prompt, processor, tokenizer files); the
@@ -320,9 +321,13 @@ class LlavaNextVideoAdapter(Adapter):
         return self.feed(memory, n, forward, valid, chunk_size)
 
     def decode(
-        self, memory: KVMemory, logits: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None
+        self, memory: KVMemory, logits: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+        static: bool = False, compile: bool | str = False,
     ) -> torch.Tensor:
-        """Greedy decoding from the prefill's logits; returns (batch, <= max_new_tokens), EOS-padded."""
+        """Greedy decoding from the prefill's logits; returns (batch, <= max_new_tokens), EOS-padded.
+        `static` decodes on a compacting static cache (same tokens), `compile` also compiles its step."""
+        if static or compile:
+            return self.static_decode(memory, logits, max_new_tokens, eos_token_id, compile)
         embed_tokens = self.language_model.get_input_embeddings()
 
         def step(token: torch.Tensor) -> torch.Tensor:
@@ -331,6 +336,13 @@ class LlavaNextVideoAdapter(Adapter):
             return self.prefill(memory, embeds)
 
         return greedy_decode(logits, step, max_new_tokens, eos_token_id)
+
+    def static_forward(self, cache: StaticKV, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The decode step of `decode` without the feeding: (batch, 1) tokens -> (batch, vocab) logits."""
+        embeds = self.language_model.get_input_embeddings()(tokens)  # (batch, 1, hidden)
+        hidden = self.language_model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
+                                     use_cache=True).last_hidden_state
+        return self.model.lm_head(hidden[:, -1]).float()
 
     def generate(
         self,
