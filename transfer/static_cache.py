@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from transfer.memory import KVMemory
 
 STATIC_ATTN_IMPLEMENTATION = "namm_transfer_static"
-_ALIGN = 64  # capacity rounded up to this: aligned masks for the memory-efficient CUDA kernel
+_ALIGN = 16  # capacity rounded up to this: aligned masks for the memory-efficient CUDA kernel
 _ACTIVE: StaticKV | None = None  # a plain global, not a ContextVar: dynamo traces reads of globals, not ContextVar.get
 
 
@@ -174,7 +174,7 @@ def default_capacity(memory: KVMemory, max_new_tokens: int) -> int:
     max(budget at the last token seen, protected tokens) entries at an update, and the next update_interval
     tokens come on top. Anything else (full cache, the NAMM's reference rule, layers a policy skips) may keep
     every token: the bound is then today's cache plus every new token. Never more than that bound, rounded
-    up to a multiple of 64.
+    up to a multiple of 16.
     """
     policy = memory.policy
     current = max(memory.cache_tokens())
