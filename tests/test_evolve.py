@@ -196,3 +196,20 @@ def test_three_stages_chain_and_seeds_differ(tmp_path):
     assert torch.equal(theta["a/seed-3"], theta["b/seed-3"])  # the same seed, the same run
     assert not torch.equal(theta["a/seed-3"], theta["a/seed-4"])
     assert json.loads((tmp_path / "a" / "seed-4" / "config.json").read_text())["seed"] == 4
+
+
+def test_a_spent_time_budget_still_computes_one_generation_per_call(tmp_path):
+    """--max-minutes stops between generations, but never before the call's first: a call started with its
+    budget already spent (the GPU script gives each call what is left of its 10 minutes) still progresses, and
+    calls chained that way end exactly where one uninterrupted run ends."""
+    model = str(tiny_lm_dir(tmp_path / "lm"))
+    assert main([*ARGS, "--model", model, "--out", str(tmp_path / "straight")]) == 0
+    steps = []
+    for _ in range(3):
+        assert main([*ARGS, "--model", model, "--out", str(tmp_path / "chained"), "--max-minutes", "1e-6"]) == 0
+        log = json.loads((tmp_path / "chained" / "log.json").read_text())
+        steps.append([(e["stage"], e["generation"]) for e in log])
+    assert steps == [[(1, 1)], [(1, 1), (1, 2)], [(1, 1), (1, 2), (2, 1)]]
+    straight = json.loads((tmp_path / "straight" / "log.json").read_text())
+    assert [e["member_fitness"] for e in log] == [e["member_fitness"] for e in straight]
+    assert torch.equal(load_namm(tmp_path / "chained" / "namm")[0], load_namm(tmp_path / "straight" / "namm")[0])

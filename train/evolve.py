@@ -207,13 +207,14 @@ def _evolve(cfg: EvolveConfig, state: Any) -> Path:
         ckpt["norm"] = _norm_stats(adapter, tokenizer, cfg)
     norm: NormStats = ckpt["norm"]
 
+    computed = 0  # generations this call: at least one is computed whatever the budget, so every call progresses
     while ckpt["stage"] < len(cfg.stages):
         stage, tasks = ckpt["stage"], cfg.stages[ckpt["stage"]]
         if ckpt["es"] is None:
             ckpt["es"] = _new_strategy(cfg, stage, ckpt.get("mean_prev", np.zeros(n_params)))
         es = ckpt["es"]
         while ckpt["generation"] < cfg.generations[stage]:
-            if cfg.max_minutes is not None and time.time() - started > 60 * cfg.max_minutes:
+            if computed and cfg.max_minutes is not None and time.time() - started > 60 * cfg.max_minutes:
                 if state.is_main_process:
                     print(f"time budget of {cfg.max_minutes} min reached; rerun the same command to resume")
                 state.wait_for_everyone()
@@ -247,6 +248,7 @@ def _evolve(cfg: EvolveConfig, state: Any) -> Path:
             }
             ckpt["log"].append(entry)
             ckpt["generation"] = gen + 1
+            computed += 1
             if state.is_main_process:
                 if len(ckpt["log"]) == 1:
                     _write_norm(out / "norm.json", norm)
