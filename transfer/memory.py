@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
+from transfer.fused import AttentionInputs
+from transfer.fused import allowed_keys as _allowed
 from transfer.namm import NAMMConfig
 from transfer.policies.base import Keep, LayerView, MemoryPolicy, Selection
 
@@ -47,6 +49,14 @@ def check_update_interval(update_interval: int, hop: int = NAMMConfig().hop) -> 
     """Evaluators call this before writing anything: the NAMM's STFT needs whole hops of queries."""
     if update_interval <= 0 or update_interval % hop:
         raise ValueError(f"update_interval must be a positive multiple of {hop} (the STFT hop), got {update_interval}")
+
+
+@dataclass
+class InputsView(LayerView):
+    """A `LayerView` for a policy that reduces the attention itself (`policy.fused_on(device)` True):
+    attn is None and `inputs` says what the slice would have been computed from."""
+
+    inputs: AttentionInputs | None = None
 
 
 @dataclass
@@ -222,6 +232,16 @@ class KVMemory:
         return attention_slice(queries, key, st.slots, st.valid, q_slots, q_valid, scaling, sliding_window,
                                self._causal_only(st, sliding_window), ordered=True)
 
+    def _attention_inputs(
+        self, st: _LayerState, key: torch.Tensor, scaling: float, sliding_window: int | None
+    ) -> AttentionInputs:
+        """What `_policy_attention` computes the slice from, for policies that reduce it block by block."""
+        return AttentionInputs(
+            queries=torch.cat(st.queries, dim=2), keys=key, slots=st.slots, valid=st.valid,
+            q_slots=torch.cat(st.query_slots, dim=1), q_valid=torch.cat(st.query_valid, dim=1), scaling=scaling,
+            sliding_window=sliding_window, causal_only=self._causal_only(st, sliding_window), ordered=True,
+        )
+
     def _update_layer(
         self,
         layer: int,
@@ -231,13 +251,18 @@ class KVMemory:
         scaling: float,
         sliding_window: int | None,
     ) -> None:
-        attn = None
+        attn = inputs = None
         if getattr(self.policy, "needs_attention", False):
-            attn = self._policy_attention(st, key, scaling, sliding_window)
-        view = LayerView(
+            fused = getattr(self.policy, "fused_on", None)  # the policy reduces the attention block by block
+            if fused is not None and fused(key.device):
+                inputs = self._attention_inputs(st, key, scaling, sliding_window)
+            else:
+                attn = self._policy_attention(st, key, scaling, sliding_window)
+        fields = dict(
             layer=layer, keys=key, slots=st.slots, valid=st.valid, n_new=st.n_new, n_seen=self.n_seen, attn=attn,
             all_valid=st.all_valid, max_seen=self._max_seen, n_layers=self.n_layers, equal_seen=not self._padded,
         )
+        view = LayerView(**fields) if inputs is None else InputsView(**fields, inputs=inputs)
         keep, st.policy_state = self.policy.update(view, st.policy_state)
         st.queries, st.query_slots, st.query_valid, st.n_new = [], [], [], 0
         self._evict(layer, st, keep, key, value)
@@ -307,18 +332,6 @@ class KVMemory:
         self.n_fed, self.n_seen, self.kept_log = snap["n_fed"], snap["n_seen"], list(snap["kept_log"])
         self.seen_log = list(snap["seen_log"])
         self._max_seen, self._padded = snap["max_seen"], snap["padded"]
-
-
-def _allowed(
-    slots: torch.Tensor, valid: torch.Tensor, q_slots: torch.Tensor, sliding_window: int | None
-) -> torch.Tensor:
-    """(batch, kv_heads, n_q, n_keys) bool: the key is valid, not newer than the query, inside the window."""
-    k = slots[:, :, None, :]  # (batch, kv_heads, 1, n_keys)
-    q = q_slots[:, None, :, None]  # (batch, 1, n_q, 1)
-    allowed = (k <= q) & valid[:, :, None, :]
-    if sliding_window is not None:
-        allowed &= q - k < sliding_window
-    return allowed
 
 
 def _slot_mask(

@@ -389,25 +389,40 @@ def spectral_ema(attn: Tensor, context: Tensor, ema_prev: Tensor | None, cfg: NA
     faster than one big chunk on 2 cores). On CUDA one conv2d reads attention in its (queries, keys)
     layout; on the CPU, where that conv is slower, the unfolded frames of each key's series go through one GEMM.
     """
-    n_keys, n_new = attn.shape[-1], attn.shape[-2]
-    conv = attn.is_cuda and cfg.n_fft % cfg.hop == 0 and cfg.context_len % cfg.hop == 0
-    step = _KEY_CHUNK if conv else min(_KEY_CHUNK, max(1, _CPU_CHUNK_ELEMENTS // attn[..., 0].numel()))
-    decay = cfg.ema_coeff ** (cfg.hop * (n_new // cfg.hop))
+    n_keys = attn.shape[-1]
+    step = spectral_chunk_keys(attn.shape, attn.is_cuda, cfg)
+    return torch.cat([spectral_ema_chunk(attn[..., start : start + step], context, ema_prev, start, n_keys, cfg)
+                      for start in range(0, n_keys, step)], dim=-2)
+
+
+def spectral_chunk_keys(shape: torch.Size, cuda: bool, cfg: NAMMConfig = NAMMConfig()) -> int:
+    """Keys per `spectral_ema` chunk for attention of `shape` (batch, heads, n_new, n_keys)."""
+    if cuda and cfg.n_fft % cfg.hop == 0 and cfg.context_len % cfg.hop == 0:
+        return _KEY_CHUNK
+    return min(_KEY_CHUNK, max(1, _CPU_CHUNK_ELEMENTS // math.prod(shape[:-1])))
+
+
+def spectral_ema_chunk(attn: Tensor, context: Tensor, ema_prev: Tensor | None, start: int, n_keys: int,
+                       cfg: NAMMConfig = NAMMConfig()) -> Tensor:
+    """`spectral_ema` of the keys [start, start + chunk) of an n_keys cache: (batch, heads, chunk, bins).
+
+    attn (batch, heads, n_new, chunk) holds only those keys' columns, so a caller that computes the
+    attention block by block (transfer/fused.py) never needs the whole matrix; context and ema_prev
+    cover the whole cache, as in `spectral_ema`.
+    """
+    n_new, stop = attn.shape[-2], start + attn.shape[-1]
     n_old = n_keys - n_new
-    out = []
-    for start in range(0, n_keys, step):
-        stop = min(start + step, n_keys)
-        if conv:
-            chunk = _conv_spectral_ema(attn[..., start:stop], context[..., start:stop, :], n_old - start, cfg)
-        else:  # the frame mask depends on the absolute key index: shift n_new to the chunk
-            mags = stft_magnitudes(attn[..., start:stop].transpose(-1, -2), context[..., start:stop, :], cfg)
-            chunk = ema_update(mags, None, n_new - (n_keys - stop), cfg)
-        if ema_prev is not None and start < n_old:
-            m = min(stop, n_old) - start
-            prev = ema_prev[..., start : start + m, :].to(chunk.dtype)
-            chunk = torch.cat([chunk[..., :m, :] + decay * prev, chunk[..., m:, :]], dim=-2)
-        out.append(chunk)
-    return torch.cat(out, dim=-2)
+    if attn.is_cuda and cfg.n_fft % cfg.hop == 0 and cfg.context_len % cfg.hop == 0:
+        chunk = _conv_spectral_ema(attn, context[..., start:stop, :], n_old - start, cfg)
+    else:  # the frame mask depends on the absolute key index: shift n_new to the chunk
+        mags = stft_magnitudes(attn.transpose(-1, -2), context[..., start:stop, :], cfg)
+        chunk = ema_update(mags, None, n_new - (n_keys - stop), cfg)
+    if ema_prev is not None and start < n_old:
+        decay = cfg.ema_coeff ** (cfg.hop * (n_new // cfg.hop))
+        m = min(stop, n_old) - start
+        prev = ema_prev[..., start : start + m, :].to(chunk.dtype)
+        chunk = torch.cat([chunk[..., :m, :] + decay * prev, chunk[..., m:, :]], dim=-2)
+    return chunk
 
 
 def _conv_spectral_ema(attn: Tensor, context: Tensor, n_old: int, cfg: NAMMConfig) -> Tensor:
@@ -454,24 +469,40 @@ def namm_score(
     indices (`NAMMBuffers.gather`).
     """
     _check_inputs(attn, buffers, positions, valid, cfg, check_finite)
-    b, h, n_new, n_keys = attn.shape
     dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
     attn = attn.to(dtype)  # row q, column k: attention that key k received from new query q
-    ctx_new = attn.new_zeros(b, h, n_new, cfg.context_len)
-    if buffers is None:
-        context, ema_prev = ctx_new, None
-    else:
-        context = torch.cat([buffers.context.to(attn.device, dtype), ctx_new], dim=-2)
-        ema_prev = buffers.ema.to(attn.device, dtype)
+    context, ema_prev = carried_context(buffers, attn.shape, attn.device, dtype, cfg)
     ema = spectral_ema(attn, context, ema_prev, cfg)  # (batch, heads, n_keys, bins)
-    rec = recency_features(positions.to(attn.device), cfg, valid, dtype)  # (batch, heads, n_keys, 8)
+    # last n_fft - hop samples each key received: (batch, heads, n_keys, n_fft - hop)
+    recent = attn[..., -cfg.context_len :, :].transpose(-1, -2)
+    tail = torch.cat([context, recent], dim=-1)[..., -cfg.context_len :]
+    return score_features(ema, tail, positions, params, norm, cfg, valid, attention_dtype)
+
+
+def carried_context(buffers: NAMMBuffers | None, shape: tuple[int, int, int, int], device: torch.device,
+                    dtype: torch.dtype, cfg: NAMMConfig = NAMMConfig()) -> tuple[Tensor, Tensor | None]:
+    """(context of every key (batch, heads, n_keys, n_fft - hop), ema_prev or None) for attention of `shape`
+    (batch, heads, n_new, n_keys): the old keys' carried samples, zeros for the new keys."""
+    b, h, n_new, _ = shape
+    ctx_new = torch.zeros(b, h, n_new, cfg.context_len, device=device, dtype=dtype)
+    if buffers is None:
+        return ctx_new, None
+    return torch.cat([buffers.context.to(device, dtype), ctx_new], dim=-2), buffers.ema.to(device, dtype)
+
+
+def score_features(ema: Tensor, tail: Tensor, positions: Tensor, params: NAMMParams, norm: NormStats | None,
+                   cfg: NAMMConfig = NAMMConfig(), valid: Tensor | None = None,
+                   attention_dtype: torch.dtype | None = None) -> tuple[Tensor, NAMMBuffers]:
+    """The half of `namm_score` after the spectrogram: recency, normalisation, BAM, padding -> -inf.
+
+    ema (batch, heads, n_keys, bins) and tail (batch, heads, n_keys, n_fft - hop) of every cached key,
+    from `spectral_ema` or from transfer/fused.py, which computes them without the attention matrix.
+    """
+    rec = recency_features(positions.to(ema.device), cfg, valid, ema.dtype)  # (batch, heads, n_keys, 8)
     x = torch.cat([rec, normalise(ema, norm)], dim=-1)  # (batch, heads, n_keys, 25), recency first
     scores = bam_scores(x, params, valid, attention_dtype)
     if valid is not None:
         scores = scores.masked_fill(~valid.bool(), -math.inf)
-    # last n_fft - hop samples each key received: (batch, heads, n_keys, n_fft - hop)
-    recent = attn[..., -cfg.context_len :, :].transpose(-1, -2)
-    tail = torch.cat([context, recent], dim=-1)[..., -cfg.context_len :]
     return scores, NAMMBuffers(context=tail, ema=ema)
 
 

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from transfer.checkpoint import load_namm
+from transfer.fused import fused_default, fused_namm_score
 from transfer.namm import NAMMBuffers, NAMMConfig, NAMMParams, NormStats, namm_score, newest_index, select_keep
 from transfer.policies.base import Keep, LayerView, ScoredPolicy, Selection, keep_top_rows, protected_mask
 
@@ -36,6 +37,10 @@ class NAMMPolicy(ScoredPolicy):
     # "fp32": the reference's precision everywhere. "fast": the BAM's O(n^2) attention in fp16 flash
     # kernels on CUDA (about 10x faster at 32k keys; fp32 on the CPU, where it buys nothing).
     precision: str = "fp32"
+    # True: the features come from the queries and keys block by block (transfer/fused.py), never from
+    # the whole attention slice; False: the slice, then the STFT; None: `transfer.fused.FUSED` per device.
+    # Decisions are the same either way (fp32 rounding apart; tests/test_fused.py).
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,23 +65,26 @@ class NAMMPolicy(ScoredPolicy):
             self._device_params[device] = NAMMParams.from_flat(theta.to(device), self.config)
         return self._device_params[device]
 
+    def fused_on(self, device: torch.device) -> bool:
+        """Whether the memory should hand this policy the attention's inputs (`InputsView`), not the slice."""
+        return fused_default(device) if self.fused is None else self.fused
+
     def score(self, view: LayerView, state: NAMMBuffers | None) -> tuple[torch.Tensor, NAMMBuffers]:
         if self.collect_norm:  # scores are irrelevant (all zero); identity statistics avoid a warning
             n_bins = self.config.n_bins
             norm = NormStats(mean=torch.zeros(n_bins), var=torch.ones(n_bins), count=1)
         else:
             norm = self.norm
-        scores, buffers = namm_score(
-            view.attn,
-            state,
-            view.slots,
-            self._params_on(view.attn.device),
-            norm,
-            self.config,
-            valid=None if view.all_valid else view.valid,
-            attention_dtype=torch.float16 if self.precision == "fast" and view.attn.is_cuda else None,
-            check_finite=False,  # the memory's own attention; a check would sync the device every layer
-        )
+        device = view.keys.device
+        valid = None if view.all_valid else view.valid
+        half = torch.float16 if self.precision == "fast" and device.type == "cuda" else None
+        inputs = getattr(view, "inputs", None)  # an InputsView when the memory followed `fused_on`
+        if view.attn is None and inputs is not None:
+            scores, buffers = fused_namm_score(inputs, state, view.slots, self._params_on(device), norm,
+                                               self.config, valid=valid, attention_dtype=half)
+        else:  # check_finite off: the memory's own attention; a check would sync the device every layer
+            scores, buffers = namm_score(view.attn, state, view.slots, self._params_on(device), norm, self.config,
+                                         valid=valid, attention_dtype=half, check_finite=False)
         if self.collect_norm:
             self.norm = self.norm.merge(buffers.ema, view.valid)
         return scores, buffers
@@ -131,8 +139,8 @@ class NAMMStack(NAMMPolicy):
             raise ValueError("these policies differ in more than their parameters and cannot be stacked")
         first = policies[0]
         return cls(theta=torch.stack([p.theta.reshape(-1) for p in policies]), norm=first.norm, config=first.config,
-                   precision=first.precision, budget=first.budget, protect_recent=first.protect_recent,
-                   protect_sink=first.protect_sink, sizes=list(sizes))
+                   precision=first.precision, fused=first.fused, budget=first.budget,
+                   protect_recent=first.protect_recent, protect_sink=first.protect_sink, sizes=list(sizes))
 
     def _params_on(self, device: torch.device) -> NAMMParams:
         """One network per batch row: (rows, param_size) parameters, member m repeated over its rows."""
@@ -143,8 +151,8 @@ class NAMMStack(NAMMPolicy):
         return self._device_params[device]
 
     def score(self, view: LayerView, state: NAMMBuffers | None) -> tuple[torch.Tensor, NAMMBuffers]:
-        if view.attn.shape[0] != sum(self.sizes):
-            raise ValueError(f"NAMMStack covers {sum(self.sizes)} rows, the batch has {view.attn.shape[0]}")
+        if view.keys.shape[0] != sum(self.sizes):
+            raise ValueError(f"NAMMStack covers {sum(self.sizes)} rows, the batch has {view.keys.shape[0]}")
         return super().score(view, state)
 
 
@@ -159,7 +167,8 @@ def stackable(policies: list[Any]) -> bool:
             return a is b
         return a is b or (a.count == b.count and torch.equal(a.mean, b.mean) and torch.equal(a.var, b.var))
 
-    return all(p.config == first.config and p.precision == first.precision and p.budget == first.budget
+    return all(p.config == first.config and p.precision == first.precision and p.fused == first.fused
+               and p.budget == first.budget
                and p.protect_recent == first.protect_recent and p.protect_sink == first.protect_sink
                and same_norm(p.norm, first.norm) and p.theta.numel() == first.theta.numel() for p in policies)
 
