@@ -29,9 +29,21 @@ from transfer.stats import PairedBootstrap, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = json.loads((ROOT / "eval" / "paper_numbers.json").read_text())
-DOMAINS = ("lm", "rl", "video")
+DOMAINS = ("lm", "rl", "rl-memory", "video")
+DEFAULT_DOMAINS = "lm,rl,video"
+# A domain is one evaluator module; `rl-memory` is eval/rl.py under the memory protocol (its own preset below).
+MODULES = {"rl-memory": "rl"}
 SWEEP = "0.25,0.5,0.75"
 SINK = 4  # tokens the sink-protected NAMM keeps at the start (StreamingLLM's default)
+
+# The RL memory protocol (issue 18): the long-context DT (K = 200 steps) trained on position-only observations
+# (velocities removed, so the past must be remembered). Memory matters there when the full cache beats short
+# sliding windows of 8 / 16 / 32 steps; the policies then run at the NAMM's memory and at token budgets of the
+# windows' sizes (3 tokens a step: R, s, a), with the cache compressed every 48 tokens (16 steps; a multiple of
+# the NAMM's STFT hop) instead of 256 so that a budget is what the policy holds, and only the newest step's
+# 3 tokens protected (the language default of 32 would exceed the smallest budget). Set before any result.
+_RL_MEMORY: dict[str, Any] = {"model": "artifacts/rl/dt-{env}-pos-k200", "window_steps": "8,16,32",
+                              "budget": "match,24t,48t,96t", "update_interval": 48, "protect_recent": 3}
 
 # Options of each domain's evaluator, per preset (its parser's defaults for everything else).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -40,11 +52,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "rl": {"episodes": 3, "max_steps": 300},
         # 5 test videos of 64 frames read at 32 (1152 video tokens, 25 questions, letters balanced)
         "video": {"synthetic_videos": 5, "synthetic_lengths": "64", "frames": 32},
+        "rl-memory": {**_RL_MEMORY, "env": "hopper", "episodes": 3, "max_steps": 300},
     },
     "full": {
         "lm": {"tasks": "niah_single,vt,fwe,niah_multikey,mqar,passage", "limit": 100, "length": 2048},
         "rl": {"episodes": 20, "max_steps": 1000},
         "video": {},  # the long-video test split: 100 videos of 64-128 frames at 128 frames, 500 questions
+        "rl-memory": {**_RL_MEMORY, "episodes": 20, "max_steps": 1000},
     },
 }
 _QUICK = f"full,namm,namm-sink,namm-random,h2o,l2,namm@{SWEEP.replace(',', ',namm@')}"
@@ -56,7 +70,7 @@ COMPARED = ["full", "namm-random@match", *BASELINES, "namm-sink"]
 
 
 def domain_parser(domain: str) -> tuple[Any, argparse.ArgumentParser]:
-    module = __import__(f"eval.{domain}", fromlist=["run"])
+    module = __import__(f"eval.{MODULES.get(domain, domain)}", fromlist=["run"])
     parser = argparse.ArgumentParser(prog=f"namm-transfer eval {domain}")
     module.add_arguments(parser)
     return module, parser
@@ -87,7 +101,7 @@ def domain_args(preset: str, out: Path, namm: str | None, domain: str, config: d
                 extra: dict[str, Any] | None = None) -> tuple[Any, argparse.Namespace]:
     """(evaluator module, its Namespace): the preset, then the common options, then the --config section."""
     module, parser = domain_parser(domain)
-    options = {**PRESETS[preset][domain], "policies": POLICIES[preset], "budget": BUDGETS[preset], "namm": namm,
+    options = {"policies": POLICIES[preset], "budget": BUDGETS[preset], **PRESETS[preset][domain], "namm": namm,
                **(extra or {}), **(config or {}).get(domain, {}), "out": str(out / "runs" / domain)}
     return module, domain_options(parser, options, f"--config {domain}")
 
@@ -396,7 +410,10 @@ def memory_and_sinks(results: dict[str, dict[str, dict]]) -> list[str]:
     lines = []
     for domain, res in results.items():
         parts = []
+        windows = [(int(k.removeprefix("sliding window K=")), k) for k in res if k.startswith("sliding window K=")]
         for a, b, name in (("full", "recency@0.25", "memory matters? full cache minus 25 % recency"),
+                           *[("full", k, f"memory matters? full cache minus a {n}-step window") for n, k in
+                             sorted(windows)],
                            ("namm", "namm-sink", f"sink study: NAMM minus NAMM keeping the first {SINK} tokens")):
             if not (res.get(a, {}).get("units") and res.get(b, {}).get("units")):
                 continue
@@ -494,7 +511,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="quick: a smoke test on a CPU in minutes (small n, wide CIs); full: the statistics a "
                         "claim needs (GPU recommended)")
-    p.add_argument("--domains", default="lm,rl,video", help="comma-separated subset of lm,rl,video")
+    p.add_argument("--domains", default=DEFAULT_DOMAINS,
+                   help=f"comma-separated subset of {','.join(DOMAINS)} (rl-memory: the long-context DT on "
+                        "position-only observations, full cache against short windows, then every policy)")
     p.add_argument("--namm", default=None, help="NAMM checkpoint (default: the shipped one)")
     p.add_argument("--controls", type=int, default=5, help="random-parameter NAMM controls per domain")
     p.add_argument("--config", default=None,
@@ -515,7 +534,7 @@ def load_config(path: str | None) -> dict[str, Any]:
     config = read_json(file, "--config file", dict)
     unknown = set(config) - set(DOMAINS) - {k for k in config if k.startswith("_")}
     if unknown:
-        raise ValueError(f"--config {file}: unknown domain(s) {sorted(unknown)}; use lm, rl, video")
+        raise ValueError(f"--config {file}: unknown domain(s) {sorted(unknown)}; use {', '.join(DOMAINS)}")
     return config
 
 
@@ -525,7 +544,7 @@ def run(args: argparse.Namespace) -> int:
     report = out / "report"
     domains = [d.strip() for d in args.domains.split(",")]
     if set(domains) - set(DOMAINS):
-        raise ValueError(f"--domains: unknown {sorted(set(domains) - set(DOMAINS))}; use lm, rl, video")
+        raise ValueError(f"--domains: unknown {sorted(set(domains) - set(DOMAINS))}; use {', '.join(DOMAINS)}")
     config = load_config(args.config)
     for domain in domains:  # every option checked before any run starts
         _, parser = domain_parser(domain)

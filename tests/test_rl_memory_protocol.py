@@ -74,3 +74,34 @@ def test_memory_protocol_errors(tmp_path, argv, message):
                  "--policies", "full", "--out", str(tmp_path / "out"), *argv)
     with pytest.raises(ValueError, match=message):
         rl.run(args)
+
+
+def test_reproduce_rl_memory_domain_reports_the_memory_check(tmp_path):
+    """`reproduce --domains rl-memory`: eval/rl.py under the memory protocol's preset (short windows beside token
+    budgets of their sizes, compressed every 48 tokens, the newest step protected), and the findings state the
+    full cache minus each window with the paired bootstrap's numbers."""
+    import json
+
+    from eval.reproduce import PRESETS, domain_args
+    from transfer.cli import main
+    from transfer.stats import PairedBootstrap
+
+    _save_dt(tmp_path / "dt-hopper-pos", 0)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"rl-memory": {"model": str(tmp_path / "dt-{env}-pos"), "window_steps": "2,4",
+                                                "budget": "6t", "episodes": 2, "max_steps": 20,
+                                                "policies": "full,namm,recency"}}))
+    _, args = domain_args("quick", tmp_path / "run", None, "rl-memory", {})
+    assert (args.update_interval, args.protect_recent, args.budget, args.window_steps) == (48, 3, "match,24t,48t,96t",
+                                                                                         "8,16,32")
+    assert args.model == PRESETS["full"]["rl-memory"]["model"] == "artifacts/rl/dt-{env}-pos-k200"
+    assert main(["reproduce", "--domains", "rl-memory", "--config", str(config), "--controls", "1",
+                 "--out", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "report" / "results.json").read_text())["rl-memory"]
+    assert {"full", "namm", "recency@6t", "sliding window K=2", "sliding window K=4"} <= set(results)
+    findings = (tmp_path / "run" / "report" / "findings.md").read_text()
+    for k in (2, 4):
+        d = PairedBootstrap({x: [tuple(u) for u in results[x]["units"]] for x in ("full", f"sliding window K={k}")}
+                            ).diff("full", f"sliding window K={k}")
+        assert f"full cache minus a {k}-step window: {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" in findings
+    assert "update every 48 tokens" in (tmp_path / "run" / "report" / "table_rl-memory.md").read_text()
