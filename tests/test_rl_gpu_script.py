@@ -20,7 +20,7 @@ TINY = {
     "SAC_EXTRA": "--steps 1500 --learning-starts 300 --batch-size 16 --hidden 8 --n-critics 2 --n-quantiles 3 "
                  "--drop-per-net 1 --eval-every 500 --eval-episodes 1 --train-freq 4",
     "DATA_MB": "0.03", "DT_EXTRA": "--steps 2 --hidden 16 --layers 1 --batch-size 4 --warmup 1 --log-every 1",
-    "EPISODES": "2", "MAX_STEPS": "6", "WINDOWS": "2", "OMP_NUM_THREADS": "1",
+    "EPISODES": "2", "MAX_STEPS": "6", "WINDOWS": "2", "BUDGETS": "6t", "OMP_NUM_THREADS": "1",
 }
 
 
@@ -47,7 +47,7 @@ def test_rl_gpu_script_phases(tmp_path):
         names = set(tar.getnames())
     for kind in ("medium", "medium-replay", "expert"):
         assert f"data/hopper-{kind}-v5.hdf5" in names
-    for dt in ("dt-hopper-k20-s0", "dt-hopper-k20-s1", "dt-hopper-pos-k200-s0"):
+    for dt in ("dt-hopper-k20-s0", "dt-hopper-k20-s1", "dt-hopper-k64-s0", "dt-hopper-pos-k200-s0"):
         assert f"dt/{dt}/model.safetensors" in names
     assert not any("ckpt" in n for n in names)  # the replay buffers stay on the machine
     summary = (tmp_path / "out3" / "summary.txt").read_text()

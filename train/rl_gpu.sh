@@ -11,10 +11,11 @@
 #   data   envs.d4rl_datasets per env: expert (best snapshot), medium (snapshot nearest MEDIUM_FRAC = 1/3 of the
 #          expert's evaluation, D4RL's definition), medium-replay (replay buffer up to medium), 1000-step episodes,
 #          DATA_MB (1.9) float32 MB a file: ~30k hopper / ~20k halfcheetah, walker2d steps.
-#   dt     12 DTs side by side for DT_MIN minutes each: K=20 (hidden 128, 3 layers, 1 head, tanh: the public
+#   dt     15 DTs side by side for DT_MIN minutes each: K=20 (hidden 128, 3 layers, 1 head, tanh: the public
 #          checkpoints' sizes) on each env's medium set, seeds 0,1,2, target = the best return in the data
 #          (--target-rule data-max); and K=200 on the position-only variant (--obs pos, velocities removed) of the
-#          same medium set, seed 0: the memory-dependent model.
+#          same medium set, seed 0: the memory-dependent model; and K=64 on the full observations, seed 0 (budgets
+#          in steps below its context against windows of the same sizes).
 #   eval   eval rl (float64 rollouts, 20 episodes of 1000 steps, env seeds 0-19, the same for every model and
 #          row): K=20 models, full cache and sliding window (K=20), the three seeds pooled per env; K=200 pos
 #          models, full cache, sliding window K=200 and short windows of WINDOWS steps (the memory check).
@@ -42,6 +43,7 @@ EVAL_S=${EVAL_S:-120}
 DATA_MB=${DATA_MB:-1.9}
 MEDIUM_FRAC=${MEDIUM_FRAC:-0.3333333}
 WINDOWS=${WINDOWS:-8,16,32}
+BUDGETS=${BUDGETS:-24t,48t,96t}  # the windows' sizes in tokens (R, s, a per step)
 EPISODES=${EPISODES:-20}
 MAX_STEPS=${MAX_STEPS:-1000}
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$R/jax-cache}
@@ -112,6 +114,11 @@ do_dt() {
         > "$R/dt/train-$env-k20-s$seed.log" 2>&1 &
       pids+=($!)
     done
+    python3 -m train.dt --data "$data" --out "$R/dt/dt-$env-k64-s0" --context 64 --hidden 128 --layers 3 --heads 1 \
+      --target-rule data-max --steps 100000 --batch-size 256 --lr 6e-4 --warmup 1000 --seed 0 --device "$DEVICE" \
+      --threads 1 --max-minutes "$DT_MIN" --log-every 1000 --ckpt-every 1000000 ${DT_EXTRA:-} \
+      > "$R/dt/train-$env-k64-s0.log" 2>&1 &
+    pids+=($!)
     python3 -m train.dt --data "$data" --out "$R/dt/dt-$env-pos-k200-s0" --obs pos --context 200 --hidden 128 \
       --layers 3 --heads 1 --target-rule data-max --steps 100000 --batch-size 256 --lr 6e-4 --warmup 1000 --seed 0 \
       --device "$DEVICE" --threads 1 --max-minutes "$DT_MIN" --log-every 1000 --ckpt-every 1000000 ${DT_EXTRA:-} \
@@ -131,6 +138,13 @@ do_eval() {
   for env in $ENVS; do
     timeout "$EVAL_S" python3 -m transfer.cli eval rl --env "$env" --model "$R/dt/dt-{env}-k20-s{seed}" \
       --train-seeds "$seeds" --out "$R/eval/k20" "${common[@]}" > "$R/eval-$env-k20.log" 2>&1 &
+    pids+=($!)
+    # issue 18 (a): budgets in steps below a K=64 model's context against windows of the same sizes, the
+    # rl-memory preset's schedule (eval/reproduce.py: every 48 tokens, the newest step protected)
+    timeout "$EVAL_S" python3 -m transfer.cli eval rl --env "$env" --model "$R/dt/dt-{env}-k64-s{seed}" \
+      --train-seeds 0 --window-steps "$WINDOWS" --budget "$BUDGETS" --policies full,recency,namm,h2o \
+      --update-interval 48 --protect-recent 3 --out "$R/eval/k64" --episodes "$EPISODES" --max-steps "$MAX_STEPS" \
+      --batch-size "$EPISODES" --device "$DEVICE" ${EVAL_EXTRA:-} > "$R/eval-$env-k64.log" 2>&1 &
     pids+=($!)
     timeout "$EVAL_S" python3 -m transfer.cli eval rl --env "$env" --model "$R/dt/dt-{env}-pos-k200-s{seed}" \
       --train-seeds 0 --window-steps "$WINDOWS" --out "$R/eval/pos-k200" "${common[@]}" \
