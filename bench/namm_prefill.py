@@ -12,6 +12,8 @@ and then greedily decodes --steps tokens:
     namm        our memory + the NAMM in budget mode (--kept of the tokens seen, 25 % by default), one
                 update every 512 tokens, reference precision (fp32 BAM)
     namm-fast   the same with the BAM's attention in fp16 (`precision="fast"`; CUDA only)
+    namm-fused  `namm` with the fused features (transfer/fused.py: no attention slice; `fused=True`), and
+    namm-fast-fused  the same for `namm-fast`: the closing lines print fused / unfused overhead ratios
     eager-namm  the reference path: every layer runs eager attention (bf16 logits, fp32 softmax cast back)
                 and the NAMM reads those probabilities, buffered per chunk, instead of our attention slice
     recency     our memory keeping the newest tokens at the same budget: no policy computation
@@ -43,10 +45,11 @@ from transfer.policies.namm import NAMMPolicy
 from transfer.policies.recency import Recency
 
 PRESETS = {
-    "cpu-small": dict(config=LLAMA_CPU_SMALL, lengths=[2048], runs="native,full,namm,eager-namm,recency",
+    "cpu-small": dict(config=LLAMA_CPU_SMALL, lengths=[2048], runs="native,full,namm,namm-fused,eager-namm,recency",
                       dtype="float32", device="cpu"),
     "gpu-7b": dict(config=LLAMA3_8B, lengths=[8192, 32768, 65536],
-                   runs="native,full,namm,namm-fast,eager-namm,recency", dtype="bfloat16", device="cuda"),
+                   runs="native,full,namm,namm-fused,namm-fast,namm-fast-fused,eager-namm,recency",
+                   dtype="bfloat16", device="cuda"),
 }
 CHUNK = 512
 WARM_STEPS = 4  # decode steps before the timed ones
@@ -158,10 +161,11 @@ def one_run(model, adapter: CausalLMAdapter, name: str, ids: torch.Tensor, args,
         return run_ours(adapter, ids, FullCache(), args.steps, device)
     if name == "recency":
         return run_ours(adapter, ids, Recency(budget=args.kept), args.steps, device)
-    if name in ("namm", "namm-fast", "eager-namm"):
-        if name == "namm-fast" and device != "cuda":
+    if name in ("namm", "namm-fast", "namm-fused", "namm-fast-fused", "eager-namm"):
+        if "fast" in name and device != "cuda":
             return None
-        policy = NAMMPolicy.from_checkpoint(budget=args.kept, precision="fast" if name == "namm-fast" else "fp32")
+        policy = NAMMPolicy.from_checkpoint(budget=args.kept, precision="fast" if "fast" in name else "fp32",
+                                            fused=name.endswith("-fused"))
         return run_ours(adapter, ids, policy, args.steps, device, EagerPathMemory if name == "eager-namm" else KVMemory)
     raise SystemExit(f"unknown run {name!r}")
 
@@ -231,10 +235,18 @@ def print_table(rows: list[dict], length: int) -> None:
               f"{r['cache_tokens']:>7} {'' if peak is None else f'{peak / 2**30:.2f}':>8} "
               f"{'' if ratio is None else f'{ratio:.3f}':>14}")
     eager = overhead("eager-namm")
-    for name in ("namm", "namm-fast"):
+    for name in ("namm", "namm-fast", "namm-fused", "namm-fast-fused"):
         ours = overhead(name)
         if eager is not None and ours is not None:
             print(f"NAMM overhead, eager path / {name}: {eager / max(ours, 1e-9):.2f}x")
+    for name in ("namm", "namm-fast"):  # issue 22: the fused features against the slice, same run
+        if name in by and name + "-fused" in by:
+            fused, plain = by[name + "-fused"], by[name]
+            ratio = None if base is None else overhead(name + "-fused") / max(overhead(name), 1e-9)
+            print(f"{name}-fused / {name}: update time {fused['update_s'] / max(plain['update_s'], 1e-9):.3f}, "
+                  f"prefill {fused['prefill_s'] / plain['prefill_s']:.3f}"
+                  + ("" if ratio is None else f", overhead vs recency {ratio:.3f}")
+                  + ("" if "peak_bytes" not in fused else f", peak {fused['peak_bytes'] / plain['peak_bytes']:.3f}"))
     if "full" in by and "namm" in by:
         print(f"decode speed-up at {by['namm']['kept_fraction']:.0%} kept vs our full cache: "
               f"{by['namm']['decode_tok_s'] / by['full']['decode_tok_s']:.2f}x"

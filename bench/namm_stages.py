@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/namm_stages.py --preset cpu-small
     PYTHONPATH=. python bench/namm_stages.py --preset gpu-7b      # one Llama-3-8B layer: 32 q / 8 KV heads, d 128
+    PYTHONPATH=. python bench/namm_stages.py --preset cpu-small --stages fused   # only the fused/unfused rows
 
 For one layer with n_keys cached keys and 512 buffered queries it times (median of --repeats, after a
 warm-up; CUDA-synchronised) and measures the transient memory of: the model's own attention for the
@@ -10,6 +11,13 @@ instead (bf16 QK^T, fp32 softmax, probabilities kept), our attention slice, and 
 `namm_update`: STFT + EMA as run and in the CPU's unfold form, recency, the BAM scorer in fp32 and with
 half-precision attention, selection; then the whole update in both precisions. Ratios are against the
 masked SDPA forward of the same layer.
+
+Issue 22's fused update side by side, from the same queries and keys (the memory's causal-only case):
+`slice_stft` (attention slice, then STFT + EMA) against `fused_features` (transfer/fused.py: blocks of
+keys reduced straight into the features, with its first pass for the softmax normaliser),
+`fused_first_pass` (that pass alone) and `fused_features_lse` (the normaliser given, as a flash forward
+would return it); `update_slice` / `update_fused` (/ `_lse`, / `_fast`) are whole updates from queries
+and keys to the kept indices. The closing lines print fused / unfused ratios and transient memory.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import sync
+from transfer.fused import AttentionInputs, attention_features, attention_lse, fused_namm_score
 from transfer.memory import _causal_sdpa, _grouped_sdpa, _slot_mask, attention_slice
 from transfer.namm import (
     NAMMBuffers,
@@ -46,6 +55,8 @@ PRESETS = {
                    dtype="bfloat16"),
 }
 N_NEW = 512
+RATIOS = [("fused_features", "slice_stft"), ("fused_features_lse", "slice_stft"), ("update_fused", "update_slice"),
+          ("update_fused_lse", "update_slice"), ("update_fused_fast", "update_slice_fast")]
 
 
 def timed(fn: Callable[[], object], device: str, repeats: int) -> float:
@@ -70,7 +81,7 @@ def eager_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scal
     return probs.view(b, h, hq // h, n, -1).mean(2)
 
 
-def bench_length(preset: dict, n_keys: int, repeats: int) -> dict:
+def bench_length(preset: dict, n_keys: int, repeats: int, only: set[str] | None = None) -> dict:
     device, dtype = preset["device"], getattr(torch, preset["dtype"])
     hq, h, d = preset["heads"], preset["kv_heads"], preset["head_dim"]
     g = torch.Generator(device=device).manual_seed(0)
@@ -103,6 +114,21 @@ def bench_length(preset: dict, n_keys: int, repeats: int) -> dict:
         qh, kh, vh = (t.to(half).flip(-2) for t in qkv.split(32, dim=-1))
         return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).flip(-2)
 
+    inp = AttentionInputs(q, k, slots, valid, q_slots, q_valid, scaling, causal_only=True)  # as the memory has it
+    lse = attention_lse(inp)  # what a flash forward would return: (1, q_heads, 512)
+    with_lse = AttentionInputs(q, k, slots, valid, q_slots, q_valid, scaling, causal_only=True, lse=lse)
+    half = torch.float16 if device == "cuda" else None
+
+    def slice_update(fast: bool) -> object:
+        """The unfused update from queries and keys: the causal-only slice, then namm_update."""
+        a = attention_slice(q, k, slots, valid, q_slots, q_valid, scaling, causal_only=True, ordered=True)
+        return namm_update(a, buffers, slots, params, norm, cfg, attention_dtype=half if fast else None,
+                           check_finite=False)
+
+    def fused_update(fast: bool, source: AttentionInputs = inp) -> object:
+        s, _ = fused_namm_score(source, buffers, slots, params, norm, cfg, attention_dtype=half if fast else None)
+        return select_keep(s, None)
+
     stages = {
         "sdpa_forward": lambda: _grouped_sdpa(q, k, v, _slot_mask(slots, valid, q_slots), scaling),
         "causal_sdpa_forward": lambda: _causal_sdpa(q, k, v, scaling),
@@ -120,9 +146,22 @@ def bench_length(preset: dict, n_keys: int, repeats: int) -> dict:
         "bam_attention_half": bam_half,
         "select_keep": lambda: select_keep(scores, valid),
         "namm_update": lambda: namm_update(attn, buffers, slots, params, norm, cfg, valid=valid),
+        # issue 22 item 1, side by side: the features from queries and keys, unfused (slice + STFT) or fused
+        "slice_stft": lambda: spectral_ema(attention_slice(q, k, slots, valid, q_slots, q_valid, scaling,
+                                                           causal_only=True, ordered=True), context, buffers.ema, cfg),
+        "fused_features": lambda: attention_features(inp, buffers, cfg),
+        "fused_first_pass": lambda: attention_lse(inp),
+        "fused_features_lse": lambda: attention_features(with_lse, buffers, cfg),
+        "update_slice": lambda: slice_update(False),
+        "update_fused": lambda: fused_update(False),
+        "update_fused_lse": lambda: fused_update(False, with_lse),
+        "update_slice_fast": lambda: slice_update(True),
+        "update_fused_fast": lambda: fused_update(True),
     }
     row: dict = {"n_keys": n_keys}
     for name, fn in stages.items():
+        if only and name not in only:
+            continue
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -142,7 +181,13 @@ def main() -> None:
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--stages", default=None,
+                   help="comma list of stages to run (default: all); 'fused' = the side-by-side rows only")
     args = p.parse_args()
+    only = None
+    if args.stages:
+        names = args.stages.split(",")
+        only = {"sdpa_forward", *(n for r in RATIOS for n in r)} if names == ["fused"] else {"sdpa_forward", *names}
     preset = PRESETS[args.preset]
     if preset["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu-7b needs a CUDA device")
@@ -151,7 +196,7 @@ def main() -> None:
     print(json.dumps(env), flush=True)
     rows = []
     for n in args.lengths or preset["lengths"]:
-        row = bench_length(preset, n, args.repeats)
+        row = bench_length(preset, n, args.repeats, only)
         rows.append(row)
         base = row["sdpa_forward"]
         print(f"n_keys {n}: one layer, times in ms (x SDPA forward of the chunk)", flush=True)
@@ -160,6 +205,13 @@ def main() -> None:
                 mem = row.get(name + "_mem")
                 print(f"  {name:>22} {1e3 * t:9.3f} ms  {t / base:7.2f}x"
                       + ("" if mem is None else f"  {mem / 2**20:9.1f} MiB transient"), flush=True)
+        print("  fused / unfused, same run (< 1: the fused path is faster):", flush=True)
+        for new, old in RATIOS:
+            if new not in row or old not in row:
+                continue
+            print(f"  {new:>22} / {old:<14} {row[new] / row[old]:6.3f}"
+                  + ("" if new + "_mem" not in row else
+                     f"   transient {row[new + '_mem'] / 2**20:.1f} / {row[old + '_mem'] / 2**20:.1f} MiB"), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=2)

@@ -125,7 +125,7 @@ def test_float64_inputs():
     _close(tail, ref.context)
 
 
-@pytest.mark.parametrize("kind", ["causal", "ragged"])
+@pytest.mark.parametrize("kind", ["causal", "ragged", "first"])
 def test_forward_lse_gives_the_first_pass_features(monkeypatch, kind):
     """A log-sum-exp from the forward (here: the masked logits' logsumexp) replaces the first pass."""
     inp, bufs = _case(kind)
@@ -136,6 +136,9 @@ def test_forward_lse_gives_the_first_pass_features(monkeypatch, kind):
     logits = (inp.queries * inp.scaling) @ inp.keys.repeat_interleave(hq // h, 1).transpose(-1, -2)
     logits = logits.masked_fill(~mask.repeat_interleave(hq // h, 1), float("-inf"))
     inp.lse = torch.logsumexp(logits, -1)  # (b, hq, nq); -inf on rows that see nothing
+    lse = fused.attention_lse(inp)  # the first pass's normaliser, as a log-sum-exp
+    assert torch.equal(torch.isinf(lse), torch.isinf(inp.lse)) and bool(torch.isinf(lse).any()) == (kind == "first")
+    torch.testing.assert_close(lse[torch.isfinite(lse)], inp.lse[torch.isfinite(lse)], rtol=1e-6, atol=1e-6)
     ema, tail = attention_features(inp, bufs)
     inp.lse = None
     ref_ema, ref_tail = attention_features(inp, bufs)

@@ -155,6 +155,25 @@ def _normaliser(inp: AttentionInputs, q: Tensor, step: int, future: Tensor | Non
     return shift, torch.where(s > 0, 1.0 / s, 0.0)
 
 
+def attention_lse(inp: AttentionInputs) -> Tensor:
+    """(batch, q_heads, n_q) log-sum-exp of each buffered query's scaled, masked logits (-inf: sees no key),
+    as a flash kernel returns it; from the first pass over the key blocks."""
+    b, hq, nq, d = inp.queries.shape
+    h = inp.keys.shape[1]
+    q = (inp.queries * inp.scaling).reshape(b, h, hq // h, nq, d)
+    shift, inv = _normaliser(inp, q, block_keys(inp), _future(inp))
+    lse = torch.where(inv > 0, shift - inv.log(), float("-inf"))
+    return lse.reshape(b, hq, nq)
+
+
+def _future(inp: AttentionInputs) -> Tensor | None:
+    """(n_q, n_q) True above the diagonal when the keys are ordered (the mask's causal block), else None."""
+    nq = inp.queries.shape[2]
+    if inp.causal_only or (inp.ordered and inp.sliding_window is None):
+        return torch.ones(nq, nq, dtype=torch.bool, device=inp.queries.device).triu_(1)
+    return None
+
+
 def attention_features(inp: AttentionInputs, buffers: NAMMBuffers | None,
                        cfg: NAMMConfig = DEFAULT_CONFIG) -> tuple[Tensor, Tensor]:
     """(ema (batch, kv_heads, n_keys, bins), tail (batch, kv_heads, n_keys, n_fft - hop)) of every cached key.
@@ -168,8 +187,7 @@ def attention_features(inp: AttentionInputs, buffers: NAMMBuffers | None,
     h, nk = keys.shape[1], keys.shape[2]
     g = hq // h
     q = (queries * inp.scaling).reshape(b, h, g, nq, d)  # scaled before the product, as the slice does
-    ordered = inp.causal_only or (inp.ordered and inp.sliding_window is None)
-    future = torch.ones(nq, nq, dtype=torch.bool, device=queries.device).triu_(1) if ordered else None
+    future = _future(inp)
     step = block_keys(inp)
     shift, inv = _normaliser(inp, q, step, future)
     weight = inp.q_valid[:, None, :, None] / g  # (batch, 1, n_q, 1): GQA mean, padding queries zero
