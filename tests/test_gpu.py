@@ -111,3 +111,60 @@ def test_conv_spectral_ema_on_cuda_equals_cpu_path():
     cpu = spectral_ema(attn, context, prev)
     gpu = spectral_ema(attn.cuda(), context.cuda(), prev.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_features_on_cuda_equal_the_slice_path(monkeypatch, dtype):
+    """transfer/fused.py on CUDA (several blocks, ragged cache, GQA): features equal the slice + STFT path
+    run on the same device to fp32 rounding (bf16: both round the probabilities to bf16 before the GQA mean,
+    the fused normaliser may move one rounding), and decisions equal; the forward-LSE form equals too."""
+    from test_fused import NORM as FUSED_NORM
+    from test_fused import _case, _close, _unfused
+
+    from transfer import fused
+    from transfer.namm import NAMMBuffers, NAMMParams, select_keep
+
+    inp, bufs = _case("ragged", torch.float32)
+    dev = dict(device="cuda")
+    inp = fused.AttentionInputs(inp.queries.to(dtype=dtype, **dev), inp.keys.to(dtype=dtype, **dev),
+                                inp.slots.cuda(), inp.valid.cuda(), inp.q_slots.cuda(), inp.q_valid.cuda(), inp.scaling)
+    bufs = NAMMBuffers(bufs.context.cuda(), bufs.ema.cuda())
+    monkeypatch.setitem(fused.BLOCK_ELEMENTS, "cuda", 3 * 8 * 64 * 32)  # 32-key blocks
+    params = NAMMParams.from_flat(random_namm_theta().cuda())
+    ref_scores, ref = _unfused(inp, bufs, params, inp.valid)
+    scores, got = fused.fused_namm_score(inp, bufs, inp.slots, params, FUSED_NORM, valid=inp.valid)
+    def close(a: torch.Tensor, b: torch.Tensor) -> None:  # fp32: test_fused's rule; bf16: a bf16 rounding
+        _close(a, b) if dtype == torch.float32 else torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-4)
+
+    close(got.ema, ref.ema)
+    close(got.context, ref.context)
+    fin = torch.isfinite(ref_scores)
+    if dtype == torch.float32:
+        torch.testing.assert_close(scores[fin], ref_scores[fin], rtol=1e-4, atol=1e-4)
+        assert torch.equal(select_keep(scores, inp.valid)[0], select_keep(ref_scores, inp.valid)[0])
+    else:  # bf16 probabilities: report the agreement, require nearly all decisions equal
+        kept = [torch.zeros_like(inp.valid).scatter_(-1, select_keep(s, inp.valid, 0.0, 60)[0], True)
+                for s in (scores, ref_scores)]
+        agree = float((kept[0] == kept[1]).float().mean())
+        print(f"bf16 fused vs slice: decision agreement {agree:.5f}, "
+              f"max |d score| {float((scores - ref_scores)[fin].abs().max()):.3e}")
+        assert agree > 0.98
+    inp.lse = fused.attention_lse(inp)
+    ema_lse, _ = fused.attention_features(inp, bufs)
+    close(ema_lse, got.ema)
+
+
+def test_fused_memory_on_cuda_keeps_the_slice_paths_tokens():
+    """End to end in fp32 on CUDA: the fused switch changes no kept token and no output."""
+    from transfer.policies.namm import NAMMPolicy as Policy
+
+    norm = NormStats(mean=torch.full((17,), 0.01), var=torch.full((17,), 1e-4), count=100)
+    model = tiny_llama(layers=3).cuda()
+    ids = _ids(300)
+    runs = []
+    for flag in (False, True):
+        adapter = CausalLMAdapter(model)
+        memory = adapter.new_memory(Policy(random_namm_theta(), norm, fused=flag), update_interval=64, record=True)
+        runs.append((adapter.prefill(memory, ids, chunk_size=64), memory.history))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(runs[0][1], runs[1][1]))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
