@@ -1,80 +1,244 @@
-"""Decode tokens/s after prefill with a fraction of the cache kept, against the full cache, in one run.
+"""Decode tokens/s, side by side in one run: our eager dynamic path, our compiled static path, HF's anchor.
 
-    PYTHONPATH=. python bench/decode_speed.py --preset cpu-small
-    PYTHONPATH=. python bench/decode_speed.py --preset gpu-7b        # Llama-3-8B shapes, random bf16 weights
+    PYTHONPATH=. python bench/decode_speed.py --preset cpu-small          # about a minute on 2 CPU cores
+    PYTHONPATH=. python bench/decode_speed.py --preset gpu-7b --batch 1 --json decode_b1.json
+    PYTHONPATH=. python bench/decode_speed.py --preset gpu-7b --batch 8 --json decode_b8.json
 
-The context is prefilled once per policy (full cache; recency at --kept: decode cost depends only on
-how many tokens stay, not on which), then
---steps greedy tokens are decoded with no further eviction (update interval beyond the run), so the
-ratio isolates what a smaller cache buys at decode time.
+For each context length L (random tokens, random weights) each policy prefills L tokens once under our
+memory (512-token chunks, an update every --update-interval tokens) and is snapshotted; every row then
+restores that snapshot and greedily decodes --steps tokens (each token fed back), timed after warm-up
+steps. The policy keeps running on its schedule, so a timed window of one update interval holds exactly
+one update (its cost is in the rate):
+
+    eager full / recency / namm   our `KVMemory` decode (the dynamic path: shapes change every step)
+    static full / recency / namm  the compacting static cache (transfer/static_cache.py): capacity = the
+                                  policy's budget + one update interval, the step under torch.compile
+                                  (--compile-mode; "reduce-overhead" = CUDA graphs, the default on CUDA),
+                                  the memory's update run eagerly between steps
+    hf static                     transformers' StaticCache + torch.compile of the plain SDPA model, full cache
+                                  (the anchor of issue 22)
+
+recency and namm keep --kept of the tokens seen (the NAMM in budget mode, the shipped checkpoint), so their
+caches have the same sizes. The ratios printed at the end are issue 22's: the NAMM at 25 % on the compiled
+static path against our compiled full cache (target >= 1.6x) and its tokens/s at batch 1 (target >= 100 at
+32k on the H200), plus each compiled row against its eager row and against HF's anchor.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
 import torch
 
 from adapters.causal_lm import CausalLMAdapter
-from bench.common import LLAMA3_8B, LLAMA_CPU_SMALL, random_llama
+from bench.common import LLAMA3_8B, LLAMA_CPU_SMALL, random_llama, sync
+from transfer.memory import KVMemory
 from transfer.policies.full import FullCache
+from transfer.policies.namm import NAMMPolicy
 from transfer.policies.recency import Recency
+from transfer.static_cache import attn_implementation, default_capacity
 
 PRESETS = {
-    "cpu-small": dict(config=LLAMA_CPU_SMALL, lengths=[2048], device="cpu", dtype="float32"),
-    "gpu-7b": dict(config=LLAMA3_8B, lengths=[8192, 32768], device="cuda", dtype="bfloat16"),
+    "cpu-small": dict(config=LLAMA_CPU_SMALL, lengths=[1024], device="cpu", dtype="float32", update_interval=64,
+                      steps=64, runs="eager-full,eager-namm,static-full,static-namm,hf-static"),
+    "gpu-7b": dict(config=LLAMA3_8B, lengths=[8192, 32768], device="cuda", dtype="bfloat16", update_interval=512,
+                   steps=512,
+                   runs="eager-full,eager-recency,eager-namm,static-full,static-recency,static-namm,hf-static"),
 }
+CHUNK = 512
+WARM_STEPS = 3  # the first static step runs eagerly (it records each layer's arguments), the next ones compile
 
 
-def decode_rate(adapter: CausalLMAdapter, policy, ids: torch.Tensor, steps: int, chunk: int) -> tuple[float, int]:
-    """Tokens/s of greedy decoding after prefilling ids under the policy; returns (rate, cache tokens)."""
-    length = ids.shape[1]
-    # one update at the end of the prefill applies the policy; none happens while decoding
-    memory = adapter.new_memory(policy, update_interval=length)
-    adapter.prefill(memory, ids, chunk_size=chunk)
-    token = ids[:, -1:]
-    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
-    adapter.prefill(memory, token)  # warm-up step
-    sync()
+def make_policy(name: str, kept: float):
+    if name == "full":
+        return FullCache()
+    if name == "recency":
+        return Recency(budget=kept)
+    if name == "namm":
+        return NAMMPolicy.from_checkpoint(budget=kept)
+    raise SystemExit(f"unknown policy {name!r}")
+
+
+def timed(step, token: torch.Tensor, steps: int, device: str) -> float:
+    """Seconds for `steps` greedy steps (each step's argmax fed back), device work included."""
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        adapter.prefill(memory, token)
-    sync()
-    return steps / (time.perf_counter() - t0), max(memory.cache_tokens())
+        token = step(token).argmax(-1)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def run_ours(adapter: CausalLMAdapter, memory: KVMemory, snap: dict, token: torch.Tensor, kind: str, args,
+             device: str) -> dict:
+    """One row on a restored snapshot: the eager dynamic decode or the static one (compiled or not)."""
+    memory.restore(snap)
+    if kind == "eager":
+        step = lambda t: adapter.prefill(memory, t[:, None])  # noqa: E731  (the dynamic decode step)
+        warm = token
+        for _ in range(WARM_STEPS):
+            warm = step(warm).argmax(-1)
+        memory.restore(snap)
+        seconds = timed(step, token, args.steps, device)
+        cache = max(memory.cache_tokens())
+        capacity = None
+    else:
+        capacity = default_capacity(memory, WARM_STEPS + args.steps)
+        decoder = adapter.static_decoder(capacity, args.compile_mode)
+        t0 = time.perf_counter()
+        decoder.load(memory)
+        warm = token
+        for _ in range(WARM_STEPS):
+            warm = decoder.step(warm).argmax(-1)
+        sync(device)
+        compile_s = time.perf_counter() - t0
+        memory.restore(snap)
+        decoder.load(memory)
+        seconds = timed(decoder.step, token, args.steps, device)
+        decoder.sync()
+        cache = max(memory.cache_tokens())
+        adapter.__dict__.pop("_static_decoders", None)  # free the buffers before the next row
+    row = {"tok_s": args.steps * token.shape[0] / seconds, "steps_s": args.steps / seconds, "cache_end": cache,
+           "capacity": capacity}
+    if kind != "eager":
+        row["warm_and_compile_s"] = compile_s
+    return row
+
+
+def run_hf_static(model, ids: torch.Tensor, args, device: str) -> dict:
+    """transformers' StaticCache + torch.compile of the plain SDPA model (full cache): the anchor row."""
+    from transformers import StaticCache
+
+    b, length = ids.shape
+    total = length + WARM_STEPS + args.steps + 1
+    with attn_implementation(model, "sdpa"), torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=total)
+
+        def forward(tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            out = model(input_ids=tokens, position_ids=position.expand(b, 1), cache_position=position,
+                        past_key_values=cache, use_cache=True)
+            return out.logits[:, -1].float()
+
+        for start in range(0, length, CHUNK):  # eager chunked prefill
+            end = min(length, start + CHUNK)
+            pos = torch.arange(start, end, device=device)
+            logits = model(input_ids=ids[:, start:end], position_ids=pos.expand(b, -1), cache_position=pos,
+                           past_key_values=cache, use_cache=True).logits[:, -1].float()
+        compiled = torch.compile(forward, mode=args.compile_mode if isinstance(args.compile_mode, str) else None,
+                                 fullgraph=True, dynamic=False)
+        cudagraphs = args.compile_mode == "reduce-overhead" and device == "cuda"
+        counter = [length]
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            position = torch.tensor([counter[0]], device=device)
+            counter[0] += 1
+            out = compiled(token[:, None], position)
+            return out.clone() if cudagraphs else out
+
+        t0 = time.perf_counter()
+        token = logits.argmax(-1)
+        for _ in range(WARM_STEPS):
+            token = step(token).argmax(-1)
+        sync(device)
+        compile_s = time.perf_counter() - t0
+        seconds = timed(step, token, args.steps, device)
+    return {"tok_s": args.steps * b / seconds, "steps_s": args.steps / seconds, "cache_end": counter[0],
+            "capacity": total, "warm_and_compile_s": compile_s}
+
+
+def ratio(rows: dict, a: str, b: str) -> float | None:
+    return rows[a]["tok_s"] / rows[b]["tok_s"] if a in rows and b in rows else None
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
-    p.add_argument("--kept", type=float, default=0.25, help="kept fraction for the compressed run")
-    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--kept", type=float, default=0.25, help="kept fraction of the compressed runs")
+    p.add_argument("--steps", type=int, default=None, help="timed decode steps (default: one update interval)")
+    p.add_argument("--update-interval", type=int, default=None)
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (KV reads grow with it)")
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=None)
+    p.add_argument("--runs", default=None, help="comma list of rows (default: the preset's)")
+    p.add_argument("--compile-mode", default=None,
+                   help='torch.compile mode of the static rows: "reduce-overhead" (CUDA graphs; default on CUDA), '
+                        '"default" (default on the CPU), "none" (eager static path)')
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default on the CPU: 1, the CI machine's cores are shared)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     preset = PRESETS[args.preset]
     device = preset["device"]
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu-7b needs a CUDA device")
+    if device == "cpu" or args.threads:
+        torch.set_num_threads(args.threads or 1)
+    args.steps = args.steps or preset["steps"]
+    interval = args.update_interval or preset["update_interval"]
+    mode = args.compile_mode or ("reduce-overhead" if device == "cuda" else "default")
+    args.compile_mode = False if mode == "none" else (True if mode == "default" else mode)
+    runs = (args.runs or preset["runs"]).split(",")
     torch.manual_seed(0)
     model = random_llama(preset["config"], device, getattr(torch, preset["dtype"]))
     adapter = CausalLMAdapter(model)
-    rows = []
-    print(f"batch {args.batch}; tokens/s = decode steps/s of the whole batch", flush=True)
-    print(f"{'length':>7} {'full tok/s':>11} {'kept tok/s':>11} {'speed-up':>9} {'cache full/kept':>16}", flush=True)
+    print(f"preset {args.preset}, batch {args.batch}, update every {interval}, {args.steps} timed steps, "
+          f"compile mode {mode}; tok/s = tokens of the whole batch per second", flush=True)
+    print(f"{'length':>7} {'row':<15} {'tok/s':>9} {'cache':>7} {'capacity':>9} {'warm+compile':>13}", flush=True)
+    results = []
     for length in args.lengths or preset["lengths"]:
-        ids = torch.randint(0, model.config.vocab_size, (args.batch, length), device=device)
-        full, n_full = decode_rate(adapter, FullCache(), ids, args.steps, 512)
-        # Recency at the same budget stands in for any policy: decode cost depends only on the cache size.
-        kept, n_kept = decode_rate(adapter, Recency(budget=args.kept), ids, args.steps, 512)
-        rows.append({"length": length, "batch": args.batch, "full_tok_s": full, "kept_tok_s": kept,
-                     "speedup": kept / full, "cache_full": n_full, "cache_kept": n_kept})
-        print(f"{length:>7} {full:>11.1f} {kept:>11.1f} {kept / full:>9.2f} {n_full:>8}/{n_kept:<7}", flush=True)
+        g = torch.Generator().manual_seed(length)
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, length), generator=g).to(device)
+        rows: dict[str, dict] = {}
+        for policy in ("full", "recency", "namm"):
+            kinds = [k for k in ("eager", "static") if f"{k}-{policy}" in runs]
+            if not kinds:
+                continue
+            memory = adapter.new_memory(make_policy(policy, args.kept), update_interval=interval)
+            logits = adapter.prefill(memory, ids, chunk_size=CHUNK)
+            snap = memory.snapshot()
+            for kind in kinds:
+                rows[f"{kind}-{policy}"] = run_ours(adapter, memory, snap, logits.argmax(-1), kind, args, device)
+                report(length, f"{kind}-{policy}", rows[f"{kind}-{policy}"])
+            del memory, snap
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        if "hf-static" in runs:
+            rows["hf-static"] = run_hf_static(model, ids, args, device)
+            report(length, "hf-static", rows["hf-static"])
+            gc.collect()
+        ratios = {
+            "static-namm / static-full (target >= 1.6)": ratio(rows, "static-namm", "static-full"),
+            "static-namm / eager-namm": ratio(rows, "static-namm", "eager-namm"),
+            "static-full / eager-full": ratio(rows, "static-full", "eager-full"),
+            "static-recency / static-full": ratio(rows, "static-recency", "static-full"),
+            "eager-namm / eager-full": ratio(rows, "eager-namm", "eager-full"),
+            "static-full / hf-static": ratio(rows, "static-full", "hf-static"),
+            "static-namm / hf-static": ratio(rows, "static-namm", "hf-static"),
+        }
+        print(f"ratios at L={length} (tok/s over tok/s):", flush=True)
+        for name, value in ratios.items():
+            if value is not None:
+                print(f"  {name:<44} {value:6.2f}x", flush=True)
+        if "static-namm" in rows:
+            target = " (target at batch 1 on the GPU, 32k: >= 100)" if args.batch == 1 else ""
+            print(f"  static-namm tokens/s{target}: {rows['static-namm']['tok_s']:.1f}", flush=True)
+        results.append({"length": length, "rows": rows, "ratios": ratios})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"preset": args.preset, "kept": args.kept, "torch": torch.__version__, "rows": rows}, f, indent=2)
+            json.dump({"preset": args.preset, "batch": args.batch, "kept": args.kept, "steps": args.steps,
+                       "update_interval": interval, "compile_mode": mode, "torch": torch.__version__,
+                       "results": results}, f, indent=2)
+
+
+def report(length: int, name: str, row: dict) -> None:
+    cap = "-" if row["capacity"] is None else str(row["capacity"])
+    warm = f"{row['warm_and_compile_s']:.1f} s" if "warm_and_compile_s" in row else "-"
+    print(f"{length:>7} {name:<15} {row['tok_s']:>9.1f} {row['cache_end']:>7} {cap:>9} {warm:>13}", flush=True)
 
 
 if __name__ == "__main__":

@@ -128,20 +128,24 @@ def static_attention(
 def _grouped_sdpa(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """SDPA with a per-KV-head key mask: KV heads fold into the batch, the mask broadcasts over each group.
+    """Decode attention with a per-KV-head key mask, K/V read once per KV head (never expanded to the group).
 
-    query (batch, q_heads, n, d), key/value (batch, kv_heads, n_keys, d), mask (batch, kv_heads, n_keys)
-    -> (batch, n, q_heads, d_v). The same folding as the memory's masked path.
+    With one query per row, a KV head's g query heads are g query rows of one attention over its keys, all
+    with the same mask: KV heads fold into the batch and the group into the query length, so no copy of
+    the cache is made (an expand to g heads would be materialised by the kernels, every step).
+    query (batch, q_heads, 1, d), key/value (batch, kv_heads, n_keys, d), mask (batch, kv_heads, n_keys)
+    -> (batch, 1, q_heads, d_v).
     """
     b, hq, n, d = query.shape
     h, nk = key.shape[1], key.shape[2]
-    g = hq // h
-    q = query.reshape(b * h, g, n, d)
-    k = key.reshape(b * h, 1, nk, d).expand(-1, g, -1, -1)
-    v = value.reshape(b * h, 1, nk, value.shape[-1]).expand(-1, g, -1, -1)
+    if n != 1:
+        raise ValueError(f"the static step decodes one token per row, got {n}")
+    q = query.reshape(b * h, 1, hq // h, d)  # heads of a group are consecutive (transformers' repeat_kv)
+    k = key.reshape(b * h, 1, nk, d)
+    v = value.reshape(b * h, 1, nk, value.shape[-1])
     m = mask.reshape(b * h, 1, 1, nk)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling)  # (b*h, g, n, d_v)
-    return out.reshape(b, hq, n, -1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scaling)  # (b*h, 1, g, d_v)
+    return out.reshape(b, 1, hq, -1)
 
 
 def register_static_attention() -> None:
@@ -152,19 +156,26 @@ def register_static_attention() -> None:
     AttentionInterface.register(STATIC_ATTN_IMPLEMENTATION, static_attention)
 
 
-@contextlib.contextmanager
-def attn_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
-    """Every config of the model's modules runs attention `name` inside the block, then gets its own back."""
+def model_configs(model: torch.nn.Module) -> list[Any]:
+    """The distinct configs the model's modules read their attention implementation from."""
     configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
                and hasattr(c, "_attn_implementation_internal")}
-    before = {i: c._attn_implementation_internal for i, c in configs.items()}
+    return list(configs.values())
+
+
+@contextlib.contextmanager
+def attn_implementation(model: torch.nn.Module | list[Any], name: str) -> Iterator[None]:
+    """Every config of the model (or the `model_configs` list given) runs attention `name` inside the block,
+    then gets its own back."""
+    configs = model_configs(model) if isinstance(model, torch.nn.Module) else model
+    before = [c._attn_implementation_internal for c in configs]
     try:
-        for c in configs.values():
+        for c in configs:
             c._attn_implementation_internal = name
         yield
     finally:
-        for i, c in configs.items():
-            c._attn_implementation_internal = before[i]
+        for c, b in zip(configs, before):
+            c._attn_implementation_internal = b
 
 
 def default_capacity(memory: KVMemory, max_new_tokens: int) -> int:
@@ -215,8 +226,13 @@ class StaticDecoder:
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._fill: list[int] = []  # host copy of state.fill
         self._kept: list[int] = []  # entries each layer kept at its last update (for the capacity error)
-        self._q_slots: list[torch.Tensor] = []  # [(batch, n)] slots of the buffered queries, as the memory keeps them
+        # slots/validity of the buffered queries as the memory keeps them: [(batch, n)] handed over by `load`,
+        # then the decoded tokens' (all valid, consecutive slots from _decode_start), built only when needed
+        self._q_slots: list[torch.Tensor] = []
         self._q_valid: list[torch.Tensor] = []
+        self._decode_start = 0
+        self._n_decoded = 0
+        self._configs = model_configs(model)
         self._n_query = 0
         register_static_attention()
 
@@ -258,6 +274,7 @@ class StaticDecoder:
                 s.queries[i][:, :, : q.shape[2]].copy_(q)
         self._n_query = st0.n_new
         self._q_slots, self._q_valid = list(st0.query_slots), list(st0.query_valid)
+        self._decode_start, self._n_decoded = memory.n_fed, 0
         s.fill.copy_(torch.tensor(self._fill))
         s.n_query.fill_(self._n_query)
         s.slot.fill_(memory.n_fed)
@@ -307,9 +324,19 @@ class StaticDecoder:
             st.n_new = self._n_query
             buffered = s.queries is not None and self._n_query > 0
             st.queries = [s.queries[i][:, :, : self._n_query].clone()] if buffered else []
-            st.query_slots, st.query_valid = list(self._q_slots), list(self._q_valid)
+            st.query_slots, st.query_valid = self._query_slots()
         memory.n_seen = s.positions[:, 0].clone()
         return memory
+
+    def _query_slots(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """([(batch, n)] slots, [(batch, n)] validity) of the buffered queries, in the memory's layout."""
+        slots, valid = list(self._q_slots), list(self._q_valid)
+        if self._n_decoded:
+            b, device = self.state.positions.shape[0], self.state.positions.device
+            new = torch.arange(self._decode_start, self._decode_start + self._n_decoded, device=device)
+            slots.append(new.expand(b, -1))
+            valid.append(torch.ones(b, self._n_decoded, dtype=torch.bool, device=device))
+        return slots, valid
 
     def _need_loaded(self) -> KVMemory:
         if self.memory is None or self.state is None:
@@ -338,9 +365,8 @@ class StaticDecoder:
         global _ACTIVE
         memory, s = self._need_loaded(), self.state
         tokens = tokens.reshape(-1, 1)
-        full = [i for i, n in enumerate(self._fill) if n >= self.capacity]
-        if full:
-            i = full[0]
+        if max(self._fill) >= self.capacity:
+            i = next(i for i, n in enumerate(self._fill) if n >= self.capacity)
             raise CapacityError(
                 f"static cache full: layer {i} holds {self._fill[i]} entries (capacity {self.capacity}): "
                 f"{self._kept[i]} kept at the last update + {self._fill[i] - self._kept[i]} new tokens; a capacity "
@@ -352,22 +378,20 @@ class StaticDecoder:
             torch.compiler.cudagraph_mark_step_begin()
         _ACTIVE = s
         try:
-            with attn_implementation(self.model, STATIC_ATTN_IMPLEMENTATION):
+            with attn_implementation(self._configs, STATIC_ATTN_IMPLEMENTATION):
                 logits = fn(tokens)
         finally:
             _ACTIVE = None
         if cudagraphs:  # the graph's output buffer is overwritten by the next replay
             logits = logits.clone()
-        self._after_step(memory, tokens)
+        self._after_step(memory)
         return logits
 
-    def _after_step(self, memory: KVMemory, tokens: torch.Tensor) -> None:
+    def _after_step(self, memory: KVMemory) -> None:
         """Host bookkeeping of one all-valid token per row, and the memory's update when one is due."""
-        b = tokens.shape[0]
         self._fill = [n + 1 for n in self._fill]
-        self._q_slots.append(torch.full((b, 1), memory.n_fed, dtype=torch.long, device=tokens.device))
-        self._q_valid.append(torch.ones(b, 1, dtype=torch.bool, device=tokens.device))
         self._n_query += 1
+        self._n_decoded += 1
         memory.n_fed += 1
         memory._max_seen += 1
         if memory.n_fed % memory.update_interval == 0:
@@ -377,7 +401,7 @@ class StaticDecoder:
         """The memory's own update on each layer's live entries, then compaction to the buffers' front."""
         s = self.state
         memory.n_seen = s.positions[:, 0].clone()
-        q_slots, q_valid = torch.cat(self._q_slots, dim=1), torch.cat(self._q_valid, dim=1)  # (batch, n_query)
+        q_slots, q_valid = (torch.cat(x, dim=1) for x in self._query_slots())  # (batch, n_query)
         for i, cache_layer in enumerate(memory.cache.layers):
             n, st = self._fill[i], memory.layers[i]
             key, value = s.keys[i][:, :, :n], s.values[i][:, :, :n]
@@ -401,3 +425,4 @@ class StaticDecoder:
         s.fill.copy_(torch.tensor(self._fill))
         s.n_query.zero_()
         self._n_query, self._q_slots, self._q_valid = 0, [], []
+        self._decode_start, self._n_decoded = memory.n_fed, 0
