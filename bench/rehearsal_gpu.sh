@@ -12,7 +12,8 @@
 #    per example, kept fraction per run), the runs' small files as rehearsal-runs.tgz (carry it back into
 #    $RUN on a fresh machine to resume there), nvidia-smi and the log.
 # FROM=<a carried rehearsal-runs.tgz> resumes on a fresh machine (same code: the run keys hold its fingerprint).
-# TINY=1 writes the tiny stand-ins instead (a CPU check of this script). Needs on the GPU machine: gymnasium + mujoco wheels (.whl-rl/, see envs/d4rl_datasets.py) for the rl domain.
+# TINY=1 writes the tiny stand-ins instead (a CPU check of this script). Carry .whl-rl (gymnasium + mujoco for the rl
+# domain, as train/rl_gpu.sh does).
 set -uo pipefail
 STANDINS=${STANDINS:-runs/standins}
 RUN=${RUN:-runs/rehearsal}
@@ -23,6 +24,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 mkdir -p "$OUTDIR" "$RUN"
 t0=$(date +%s)
 { nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || echo 'no nvidia-smi'; } | tee "$OUTDIR/nvidia-smi.txt"
+. "$(dirname "$0")/../train/carried_packages.sh"  # gymnasium + mujoco for the rl domain travel in .whl-rl/
+need_packages .whl-rl "$RUN/site" gymnasium mujoco || exit 3
 if [ -n "${FROM:-}" ] && [ ! -d "$RUN/runs" ]; then tar xzf "$FROM" -C "$RUN"; fi  # a carried rehearsal-runs.tgz
 if [ ! -f "$STANDINS/paper-standins.json" ]; then
   python3 bench/paper_standins.py --out "$STANDINS" ${TINY:+--tiny} 2>&1 | tee "$OUTDIR/standins.log" || exit 4

@@ -67,3 +67,35 @@ def test_unknown_phase_is_one_line():
     res = subprocess.run(["bash", "train/evolve_gpu.sh", "nope"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "EVO_RUNS": "/tmp/evo-none", "OUT": "/tmp/evo-none/out"})
     assert res.returncode == 2 and res.stdout.strip().splitlines()[-1].startswith("error: unknown phase nope")
+
+
+@pytest.mark.parametrize("packed", ["site.tar.xz", "wheel"])
+def test_need_packages_installs_what_was_carried_once(tmp_path, packed):
+    """train/carried_packages.sh: a module missing from the image becomes importable from a carried site.tar.xz
+    or wheel (installed once into the site folder); a module nothing provides is one error line, status 3."""
+    if shutil.which("bash") is None or shutil.which("xz") is None:
+        pytest.skip("needs bash and xz")
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    pkg = tmp_path / "build" / "carriedmod_t"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("VALUE = 7\n")
+    if packed == "site.tar.xz":
+        subprocess.run(["tar", "cJf", str(carried / "site.tar.xz"), "-C", str(tmp_path / "build"), "carriedmod_t"],
+                       check=True)
+    else:
+        import zipfile
+
+        with zipfile.ZipFile(carried / "carriedmod_t-1.0-py3-none-any.whl", "w") as whl:
+            whl.write(pkg / "__init__.py", "carriedmod_t/__init__.py")
+            info = "carriedmod_t-1.0.dist-info/"
+            whl.writestr(info + "METADATA", "Metadata-Version: 2.1\nName: carriedmod_t\nVersion: 1.0\n")
+            whl.writestr(info + "WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+            whl.writestr(info + "RECORD", "")
+    script = (f". {ROOT}/train/carried_packages.sh; need_packages {carried} site carriedmod_t || exit $?; "
+              "python3 -c 'import carriedmod_t; print(carriedmod_t.VALUE)'; ls site/.done; "
+              f"need_packages {carried} site carriedmod_t nosuchmod_t")
+    res = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = res.stdout.strip().splitlines()
+    assert lines[:2] == ["7", "site/.done"], res.stdout + res.stderr
+    assert res.returncode == 3 and lines[-1].startswith("error: cannot import carriedmod_t nosuchmod_t")

@@ -34,12 +34,8 @@ export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 mkdir -p "$R" "$OUTDIR"
 
-if ! python3 -c 'import cma' 2>/dev/null; then  # the GPU image has no cma
-  SITE=$R/site
-  [ -f "$SITE/.done" ] || { python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl-evo/*.whl \
-    && touch "$SITE/.done"; } || { echo "error: cannot install .whl-evo/*.whl (carry .whl-evo)"; exit 3; }
-  export PYTHONPATH=$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}
-fi
+. "$(dirname "$0")/carried_packages.sh"  # the GPU image has no cma: its wheel travels in .whl-evo/
+need_packages .whl-evo "$R/site" cma || exit 3
 if [ -n "${FROM:-}" ] && [ -f "$FROM" ] && ! ls "$R"/seed-*/log.json >/dev/null 2>&1; then
   tar xzf "$FROM" -C "$R" && echo "resuming from $FROM: $(ls -d "$R"/seed-* | tr '\n' ' ')"
 fi

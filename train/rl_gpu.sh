@@ -49,19 +49,9 @@ MAX_STEPS=${MAX_STEPS:-1000}
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$R/jax-cache}
 mkdir -p "$R" "$OUTDIR"
 
-# gymnasium + mujoco: from the carried .whl-rl/ wheels where they are not installed (the GPU image has neither)
-if ! python3 -c 'import gymnasium, mujoco' 2>/dev/null; then
-  SITE=$R/site
-  # .whl-rl/site.tar.xz: the same packages already installed for Python 3.12 and xz-packed (a third of the wheels'
-  # size, which keeps the tree that travels under its 64 MiB); made by `pip install --target` + `tar cJ`
-  if [ ! -f "$SITE/.done" ]; then
-    mkdir -p "$SITE"
-    if [ -f .whl-rl/site.tar.xz ]; then tar xJf .whl-rl/site.tar.xz -C "$SITE" && touch "$SITE/.done"
-    else python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl-rl/*.whl && touch "$SITE/.done"; fi
-  fi
-  [ -f "$SITE/.done" ] || { echo "error: cannot install .whl-rl/ (carry .whl-rl)"; exit 3; }
-  export PYTHONPATH=$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}
-fi
+# gymnasium + mujoco: the GPU image has neither; they travel in .whl-rl/ (site.tar.xz or wheels)
+. "$(dirname "$0")/carried_packages.sh"
+need_packages .whl-rl "$R/site" gymnasium mujoco || exit 3
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python3 -c 'import gymnasium, mujoco, torch; print("gymnasium", gymnasium.__version__, "mujoco", mujoco.__version__, "torch", torch.__version__)'
 
