@@ -260,20 +260,21 @@ def _compile_unavailable() -> str | None:
 
 
 @pytest.mark.skipif(_compile_unavailable() is not None, reason=str(_compile_unavailable()))
-def test_compiled_static_step_equals_eager_and_never_recompiles():
+@pytest.mark.parametrize("policy", ["recency", "namm-budget"])  # the NAMM: the step also buffers queries
+def test_compiled_static_step_equals_eager_and_never_recompiles(policy):
     """torch.compile (inductor, fullgraph) of the static step: same tokens and logits as the eager static step
     across two evictions, and the updates between compiled steps cause no recompilation."""
     import torch._dynamo
 
-    eager, *_ = static_run("llama-gqa", "recency")
+    eager, *_ = static_run("llama-gqa", policy)
     torch._dynamo.reset()
-    ad, memory, logits = prefill("llama-gqa", "recency")
+    ad, memory, logits = prefill("llama-gqa", policy)
     decoder = ad.static_decoder(default_capacity(memory, NEW_TOKENS), compile=True).load(memory)
     token = logits.argmax(-1)
     for _ in range(2):  # the first step runs eagerly (it records each layer's scaling), the second compiles
         token = decoder.step(token).argmax(-1)
     # restart from the prefill with the compiled step in place: from here on no recompile is allowed
-    ad, memory, logits = prefill("llama-gqa", "recency")
+    ad, memory, logits = prefill("llama-gqa", policy)
     decoder.load(memory)
     with torch._dynamo.config.patch(error_on_recompile=True):
         got = greedy(logits, decoder.step)
