@@ -231,7 +231,9 @@ def load_dt(id_or_path: str | os.PathLike, env_name: str | None = None, device: 
     if getattr(cfg, "context_length", None) is None:
         cfg.context_length = int(getattr(cfg, "max_length", None) or 20)  # v5 drops max_length: K=20
     try:
-        model = DecisionTransformerModel.from_pretrained(str(id_or_path), config=cfg)
+        # float32 whatever the file holds (agents may ship half-precision weights): transformers 5 would
+        # otherwise keep a float16 file's dtype; rollouts then run in ROLLOUT_DTYPE as always
+        model = DecisionTransformerModel.from_pretrained(str(id_or_path), config=cfg, dtype=torch.float32)
     except OSError as e:
         raise fail(e) from None
     return model.to(device).eval()

@@ -229,3 +229,28 @@ def test_train_dt_errors_are_one_line(tmp_path, monkeypatch, capsys):
     rc = main(["train", "dt", "eval", str(tmp_path / "no-model"), "--episodes", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "no-model" in err[0]
+
+
+def test_half_precision_agents_ship_what_was_evaluated(tmp_path):
+    """--save-dtype float16: the file holds float16 tensors (half the bytes), they are the float32 run's weights
+    rounded (same seed: training is identical up to the end), load_dt reads them back as float32, and the final
+    evaluation in summary.json is that of the shipped weights (a fresh evaluation of the folder repeats it)."""
+    from safetensors import safe_open
+
+    from adapters.decision_transformer import load_dt
+
+    data_path = _write_data(tmp_path / "d.hdf5")
+    T.main(_tiny_args(data_path, tmp_path / "fp32"))
+    summary = T.main(_tiny_args(data_path, tmp_path / "fp16", save_dtype="float16", eval_episodes=2,
+                                eval_max_steps=5))
+    with safe_open(tmp_path / "fp16" / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    sizes = [(tmp_path / d / "model.safetensors").stat().st_size for d in ("fp32", "fp16")]
+    assert sizes[1] < 0.55 * sizes[0]
+    full, half = load_dt(tmp_path / "fp32"), load_dt(tmp_path / "fp16")
+    assert {p.dtype for p in half.parameters()} == {torch.float32}
+    for (name, a), (_, b) in zip(full.named_parameters(), half.named_parameters(), strict=True):
+        assert torch.equal(a.half().float(), b), name
+    assert any(not torch.equal(a, b) for a, b in zip(full.parameters(), half.parameters()))  # rounding happened
+    res = T.main(["eval", str(tmp_path / "fp16"), "--episodes", "2", "--max-steps", "5", "--seed", "100"])
+    assert res["returns"] == summary["eval"]["returns"]

@@ -79,6 +79,9 @@ class DTConfig:
     max_minutes: float = 0.0  # >0: stop early (and save) once training has run this long
     eval_episodes: int = 0  # >0: evaluate with rollout_sliding_window after training (needs gymnasium)
     eval_max_steps: int = 1000
+    # float16: the shipped weights are rounded to half precision (half the repository's size per agent); the final
+    # evaluation and every later one use exactly the rounded weights (loaded back in float32, rolled out in float64)
+    save_dtype: str = "float32"
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -315,6 +318,10 @@ def train(cfg: DTConfig, command: str | None = None) -> dict:
             os.replace(tmp, resume)
     wall += time.time() - t0
     model.eval()
+    if cfg.save_dtype == "float16":  # round now, so that the evaluation below scores the weights that ship
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.half().float())
     summary = {"env": spec.name, "data": str(cfg.data), "dataset_episodes": len(data),
                "dataset_steps": data.num_steps, "steps_done": step, "dataset_return_mean": float(data.returns.mean()),
                "dataset_return_max": float(data.returns.max()), "target_return": goal, "obs_variant": cfg.obs,
@@ -326,7 +333,7 @@ def train(cfg: DTConfig, command: str | None = None) -> dict:
     if cfg.eval_episodes > 0:
         summary["eval"] = evaluate(model.cpu(), spec.name, cfg.version, cfg.eval_episodes, 100,
                                    cfg.eval_max_steps, data.metadata)
-    save_run(model, rows, summary, out, partial)
+    save_run(model.half() if cfg.save_dtype == "float16" else model, rows, summary, out, partial)
     return summary
 
 
@@ -404,6 +411,8 @@ def parse_args(argv: list[str] | None = None) -> DTConfig:
     p.add_argument("--target-rule", default=d.target_rule, choices=TARGET_RULES,
                    help="without --target-return: paper = the DT paper's per-env target, data-max = the best "
                         "episode return in the training data")
+    p.add_argument("--save-dtype", default=d.save_dtype, choices=("float32", "float16"),
+                   help="float16: ship half-precision weights (half the size); the final evaluation already uses them")
     p.add_argument("--obs", default=d.obs, choices=("full", "pos"),
                    help="observation variant: pos = positions only (velocities removed; see envs/mujoco.py)")
     a = p.parse_args(argv)

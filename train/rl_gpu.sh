@@ -15,7 +15,9 @@
 #          checkpoints' sizes) on each env's medium set, seeds 0,1,2, target = the best return in the data
 #          (--target-rule data-max); and K=200 on the position-only variant (--obs pos, velocities removed) of the
 #          same medium set, seed 0: the memory-dependent model; and K=64 on the full observations, seed 0 (budgets
-#          in steps below its context against windows of the same sizes).
+#          in steps below its context against windows of the same sizes). Weights ship in float16 (--save-dtype:
+#          15 agents of ~0.9 M parameters would otherwise add ~50 MB to a repository whose whole tree must stay
+#          under the device tool's 64 MiB); every evaluation scores the rounded weights.
 #   eval   eval rl (float64 rollouts, 20 episodes of 1000 steps, env seeds 0-19, the same for every model and
 #          row): K=20 models, full cache and sliding window (K=20), the three seeds pooled per env; K=200 pos
 #          models, full cache, sliding window K=200 and short windows of WINDOWS steps (the memory check).
@@ -100,18 +102,18 @@ do_dt() {
     for seed in $SEEDS; do
       python3 -m train.dt --data "$data" --out "$R/dt/dt-$env-k20-s$seed" --context 20 --hidden 128 --layers 3 \
         --heads 1 --target-rule data-max --steps 100000 --batch-size 256 --lr 6e-4 --warmup 1000 --seed "$seed" \
-        --device "$DEVICE" --threads 1 --max-minutes "$DT_MIN" --log-every 1000 --ckpt-every 1000000 ${DT_EXTRA:-} \
+        --device "$DEVICE" --threads 1 --max-minutes "$DT_MIN" --log-every 1000 --ckpt-every 1000000 --save-dtype float16 ${DT_EXTRA:-} \
         > "$R/dt/train-$env-k20-s$seed.log" 2>&1 &
       pids+=($!)
     done
     python3 -m train.dt --data "$data" --out "$R/dt/dt-$env-k64-s0" --context 64 --hidden 128 --layers 3 --heads 1 \
       --target-rule data-max --steps 100000 --batch-size 256 --lr 6e-4 --warmup 1000 --seed 0 --device "$DEVICE" \
-      --threads 1 --max-minutes "$DT_MIN" --log-every 1000 --ckpt-every 1000000 ${DT_EXTRA:-} \
+      --threads 1 --max-minutes "$DT_MIN" --log-every 1000 --ckpt-every 1000000 --save-dtype float16 ${DT_EXTRA:-} \
       > "$R/dt/train-$env-k64-s0.log" 2>&1 &
     pids+=($!)
     python3 -m train.dt --data "$data" --out "$R/dt/dt-$env-pos-k200-s0" --obs pos --context 200 --hidden 128 \
       --layers 3 --heads 1 --target-rule data-max --steps 100000 --batch-size 256 --lr 6e-4 --warmup 1000 --seed 0 \
-      --device "$DEVICE" --threads 1 --max-minutes "$DT_MIN" --log-every 1000 --ckpt-every 1000000 ${DT_EXTRA:-} \
+      --device "$DEVICE" --threads 1 --max-minutes "$DT_MIN" --log-every 1000 --ckpt-every 1000000 --save-dtype float16 ${DT_EXTRA:-} \
       > "$R/dt/train-$env-pos-k200-s0.log" 2>&1 &
     pids+=($!)
   done
