@@ -326,6 +326,7 @@ class StaticDecoder:
             st.queries = [s.queries[i][:, :, : self._n_query].clone()] if buffered else []
             st.query_slots, st.query_valid = self._query_slots()
         memory.n_seen = s.positions[:, 0].clone()
+        self.memory = None  # stepping on needs a new load(): the memory may change from here on
         return memory
 
     def _query_slots(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -404,8 +405,10 @@ class StaticDecoder:
         q_slots, q_valid = (torch.cat(x, dim=1) for x in self._query_slots())  # (batch, n_query)
         for i, cache_layer in enumerate(memory.cache.layers):
             n, st = self._fill[i], memory.layers[i]
-            key, value = s.keys[i][:, :, :n], s.values[i][:, :, :n]
-            st.slots, st.valid = s.slots[i][:, :, :n], s.valid[i][:, :, :n]
+            # contiguous copies of what the policy reads, as the dynamic cache holds them (kernels of the
+            # fused update may assume it); values are only gathered
+            key, value = s.keys[i][:, :, :n].contiguous(), s.values[i][:, :, :n]
+            st.slots, st.valid = s.slots[i][:, :, :n].contiguous(), s.valid[i][:, :, :n].contiguous()
             st.queries = [s.queries[i][:, :, : self._n_query]] if s.queries is not None else []
             st.query_slots, st.query_valid, st.n_new = [q_slots], [q_valid], self._n_query
             cache_layer.keys, cache_layer.values = key, value
