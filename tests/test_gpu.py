@@ -168,3 +168,33 @@ def test_fused_memory_on_cuda_keeps_the_slice_paths_tokens():
         runs.append((adapter.prefill(memory, ids, chunk_size=64), memory.history))
     assert all(torch.equal(a[1], b[1]) for a, b in zip(runs[0][1], runs[1][1]))
     torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_on_cuda_equals_torch_blocks(monkeypatch, dtype):
+    """transfer/fused_triton.py compiled: features equal fused.py's torch blocks (fp32: test_fused's rule, IEEE
+    products; bf16: both round logits and probabilities to bf16, so within a bf16 rounding), and with a
+    forward-provided log-sum-exp too."""
+    pytest.importorskip("triton")
+    from test_fused import _case, _close
+
+    from transfer import fused
+    from transfer.namm import NAMMBuffers
+
+    inp, bufs = _case("ragged", torch.float32)
+    inp = fused.AttentionInputs(inp.queries.to("cuda", dtype), inp.keys.to("cuda", dtype), inp.slots.cuda(),
+                                inp.valid.cuda(), inp.q_slots.cuda(), inp.q_valid.cuda(), inp.scaling)
+    bufs = NAMMBuffers(bufs.context.cuda(), bufs.ema.cuda())
+    ref = fused.attention_features(inp, bufs)
+    monkeypatch.setattr(fused, "KERNEL", "triton")
+    from transfer import fused_triton
+
+    assert fused_triton.supported(inp, fused.DEFAULT_CONFIG)
+    got = fused.attention_features(inp, bufs)
+    inp.lse = fused.attention_lse(inp)
+    with_lse = fused.attention_features(inp, bufs)
+    for a, b in ((got[0], ref[0]), (got[1], ref[1]), (with_lse[0], ref[0])):
+        if dtype == torch.float32:
+            _close(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-4)

@@ -41,6 +41,9 @@ BLOCK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 19}
 # docs/performance.md for the side-by-side measurement behind this choice.
 FUSED = {"cpu": False, "cuda": False}
 DEFAULT_CONFIG = NAMMConfig()
+# "torch": the blocks above; "triton": transfer/fused_triton.py's one kernel per key tile where it applies
+# (CUDA compiled, CPU tensors in Triton's interpreter), else the torch blocks. Off until measured on a GPU.
+KERNEL = "torch"
 TILE = 32  # keys per partial softmax sum in the first pass; blocks are whole tiles
 
 
@@ -192,6 +195,11 @@ def attention_features(inp: AttentionInputs, buffers: NAMMBuffers | None,
     shift, inv = _normaliser(inp, q, step, future)
     weight = inp.q_valid[:, None, :, None] / g  # (batch, 1, n_q, 1): GQA mean, padding queries zero
     context, ema_prev = carried_context(buffers, (b, h, nq, nk), queries.device, torch.float32, cfg)
+    if KERNEL == "triton":
+        from transfer import fused_triton
+
+        if fused_triton.supported(inp, cfg):
+            return fused_triton.features(inp, shift, inv, context, ema_prev, cfg)
     emas, tails = [], []
     for k0 in range(0, nk, step):
         k1 = min(k0 + step, nk)
