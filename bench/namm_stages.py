@@ -16,7 +16,8 @@ Issue 22's fused update side by side, from the same queries and keys (the memory
 `slice_stft` (attention slice, then STFT + EMA) against `fused_features` (transfer/fused.py: blocks of
 keys reduced straight into the features, with its first pass for the softmax normaliser),
 `fused_first_pass` (that pass alone) and `fused_features_lse` (the normaliser given, as a flash forward
-would return it); `update_slice` / `update_fused` (/ `_lse`, / `_fast`) are whole updates from queries
+would return it), `fused_triton` (/ `_lse`: the same with transfer/fused_triton.py's kernel; CUDA with
+Triton only); `update_slice` / `update_fused` (/ `_lse`, / `_fast`) are whole updates from queries
 and keys to the kept indices. The closing lines print fused / unfused ratios and transient memory.
 """
 
@@ -55,8 +56,9 @@ PRESETS = {
                    dtype="bfloat16"),
 }
 N_NEW = 512
-RATIOS = [("fused_features", "slice_stft"), ("fused_features_lse", "slice_stft"), ("update_fused", "update_slice"),
-          ("update_fused_lse", "update_slice"), ("update_fused_fast", "update_slice_fast")]
+RATIOS = [("fused_features", "slice_stft"), ("fused_features_lse", "slice_stft"), ("fused_triton", "slice_stft"),
+          ("fused_triton_lse", "slice_stft"), ("update_fused", "update_slice"), ("update_fused_lse", "update_slice"),
+          ("update_fused_fast", "update_slice_fast")]
 
 
 def timed(fn: Callable[[], object], device: str, repeats: int) -> float:
@@ -79,6 +81,13 @@ def eager_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scal
     logits = logits + torch.where(mask.repeat_interleave(hq // h, 1), 0.0, float("-inf")).to(logits.dtype)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
     return probs.view(b, h, hq // h, n, -1).mean(2)
+
+
+def triton_on(device: str) -> bool:
+    """The Triton rows run on CUDA with Triton installed."""
+    from transfer import fused_triton
+
+    return device == "cuda" and fused_triton.available()
 
 
 def bench_length(preset: dict, n_keys: int, repeats: int, only: set[str] | None = None) -> dict:
@@ -129,6 +138,16 @@ def bench_length(preset: dict, n_keys: int, repeats: int, only: set[str] | None 
         s, _ = fused_namm_score(source, buffers, slots, params, norm, cfg, attention_dtype=half if fast else None)
         return select_keep(s, None)
 
+    def triton_features(source: AttentionInputs) -> object:
+        """fused.py with its Triton kernel (CUDA; see transfer/fused_triton.py)."""
+        from transfer import fused
+
+        kernel, fused.KERNEL = fused.KERNEL, "triton"
+        try:
+            return attention_features(source, buffers, cfg)
+        finally:
+            fused.KERNEL = kernel
+
     stages = {
         "sdpa_forward": lambda: _grouped_sdpa(q, k, v, _slot_mask(slots, valid, q_slots), scaling),
         "causal_sdpa_forward": lambda: _causal_sdpa(q, k, v, scaling),
@@ -152,6 +171,8 @@ def bench_length(preset: dict, n_keys: int, repeats: int, only: set[str] | None 
         "fused_features": lambda: attention_features(inp, buffers, cfg),
         "fused_first_pass": lambda: attention_lse(inp),
         "fused_features_lse": lambda: attention_features(with_lse, buffers, cfg),
+        "fused_triton": lambda: triton_features(inp),
+        "fused_triton_lse": lambda: triton_features(with_lse),
         "update_slice": lambda: slice_update(False),
         "update_fused": lambda: fused_update(False),
         "update_fused_lse": lambda: fused_update(False, with_lse),
@@ -160,7 +181,7 @@ def bench_length(preset: dict, n_keys: int, repeats: int, only: set[str] | None 
     }
     row: dict = {"n_keys": n_keys}
     for name, fn in stages.items():
-        if only and name not in only:
+        if (only and name not in only) or ("triton" in name and not triton_on(device)):
             continue
         if device == "cuda":
             torch.cuda.empty_cache()
