@@ -101,11 +101,13 @@ class Adapter:
         raise NotImplementedError(f"{type(self).__name__} does not decode tokens")
 
     def static_decoder(self, capacity: int, compile: bool | str = False) -> StaticDecoder:
-        """One decoder per (capacity, compile) and adapter, reused across calls: it compiles once."""
-        decoders = self.__dict__.setdefault("_static_decoders", {})
-        if (capacity, compile) not in decoders:
-            decoders[capacity, compile] = StaticDecoder(self.model, self.static_forward, capacity, compile)
-        return decoders[capacity, compile]
+        """The adapter's decoder for (capacity, compile), reused across calls so that it compiles once; a
+        different request replaces it (one set of static buffers per adapter)."""
+        key, decoder = self.__dict__.get("_static_decoder", (None, None))
+        if key != (capacity, compile):
+            decoder = StaticDecoder(self.model, self.static_forward, capacity, compile)
+            self._static_decoder = ((capacity, compile), decoder)
+        return decoder
 
     def static_decode(
         self,

@@ -41,3 +41,20 @@ class GPT2Adapter(CausalLMAdapter):
         if seen + new > limit:
             raise ValueError(f"GPT-2 has {limit} learned positions; this input would need {seen + new}")
         return super().prefill(memory, input_ids, attention_mask, chunk_size)
+
+    def static_decode(
+        self,
+        memory: KVMemory,
+        logits: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: int | None = None,
+        compile: bool | str = False,
+        capacity: int | None = None,
+    ) -> torch.Tensor:
+        """As Adapter.static_decode; refuses (before any step) a decode that would run past the position table
+        (the static step has no host check per token, and an index past the table is a device error)."""
+        need = int(memory.n_seen.max()) + max_new_tokens - 1  # the last fed token's position + 1
+        limit = self.model.config.n_positions
+        if need > limit:
+            raise ValueError(f"GPT-2 has {limit} learned positions; this decode would need {need}")
+        return super().static_decode(memory, logits, max_new_tokens, eos_token_id, compile, capacity)

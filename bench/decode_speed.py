@@ -119,7 +119,7 @@ def run_ours(adapter: CausalLMAdapter, memory: KVMemory, snap: dict, token: torc
             times.append(timed(decoder.step, token, args.steps, device))
             update_s.append(spent[0])
         cache = max(decoder._fill)  # no sync(): its copy of the cache would only cost memory here
-        adapter.__dict__.pop("_static_decoders", None)  # free the buffers before the next row
+        adapter.__dict__.pop("_static_decoder", None)  # free the buffers before the next row
     best = min(range(len(times)), key=times.__getitem__)
     seconds = times[best]
     row = {"tok_s": args.steps * token.shape[0] / seconds, "steps_s": args.steps / seconds, "cache_end": cache,

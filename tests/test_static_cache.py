@@ -243,6 +243,42 @@ def test_capacity_overflow_is_one_clear_error():
         StaticDecoder(ad.model, ad.static_forward, capacity=max(memory.cache_tokens())).load(memory)
 
 
+def test_sliding_window_layers_match_dynamic():
+    """Qwen2 with sliding-window layers: the static step applies the window by slot, as the memory's mask."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, use_sliding_window=True, sliding_window=40, max_window_layers=1,
+    )
+    ad = Qwen2Adapter(Qwen2ForCausalLM(cfg).eval())
+    ids = torch.randint(0, 97, (1, 120), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for static in (False, True):
+        memory = ad.new_memory(make_policy("full"), update_interval=UPDATE)
+        logits = ad.prefill(memory, ids)
+        if static:
+            decoder = ad.static_decoder(default_capacity(memory, NEW_TOKENS)).load(memory)
+            out[static] = greedy(logits, decoder.step)
+            decoder.sync()
+            windows = [w for _, w in decoder.state.layer_args.values()]
+            assert 40 in windows and None in windows, "one layer slides, the other attends to everything"
+        else:
+            out[static] = greedy(logits, dynamic_step("qwen2-gqa", ad, memory))
+    assert_same_decode(out[True], out[False])
+    with torch.no_grad():  # and HF's own generate (its sliding-window cache and mask) agrees
+        ref = ad.model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)[:, 120:]
+    assert torch.equal(out[True].argmax(-1), ref)
+
+
+def test_gpt2_static_decode_refuses_to_run_past_its_position_table():
+    ad, memory, logits = prefill("gpt2", "recency")  # 70 tokens seen, 256 positions
+    with pytest.raises(ValueError, match="256 learned positions; this decode would need 257"):
+        ad.static_decode(memory, logits, 256 - 70 + 2)
+    assert memory.n_fed == 80  # nothing was fed
+
+
 def test_default_capacity_is_budget_plus_interval():
     _, memory, _ = prefill("llama-gqa", "recency")
     assert default_capacity(memory, NEW_TOKENS) == 48  # 24 kept + 16 new, rounded up to 16

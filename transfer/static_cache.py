@@ -357,7 +357,8 @@ class StaticDecoder:
             return self._raw_step
         if self._compiled is None:
             mode = self.compile if isinstance(self.compile, str) else None
-            self._compiled = torch.compile(self._raw_step, mode=mode, dynamic=False, fullgraph=True)
+            # dynamic=None: a decoder of another capacity recompiles once with the capacity symbolic, then no more
+            self._compiled = torch.compile(self._raw_step, mode=mode, dynamic=None, fullgraph=True)
         return self._compiled
 
     @torch.no_grad()
