@@ -33,6 +33,7 @@ import json
 import time
 
 import torch
+import torch._dynamo
 
 from adapters.causal_lm import CausalLMAdapter
 from bench.common import LLAMA3_8B, LLAMA_CPU_SMALL, random_llama, sync
@@ -93,6 +94,7 @@ def run_ours(adapter: CausalLMAdapter, memory: KVMemory, snap: dict, token: torc
         cache, capacity = max(memory.cache_tokens()), None
     else:
         capacity = default_capacity(memory, WARM_STEPS + args.steps)
+        torch._dynamo.reset()  # every static row compiles for its own shapes (no symbolic capacity), as HF's row
         decoder = adapter.static_decoder(capacity, args.compile_mode)
         t0 = time.perf_counter()
         decoder.load(memory)
@@ -135,6 +137,7 @@ def run_hf_static(model, ids: torch.Tensor, args, device: str) -> dict:
     from transformers import StaticCache
 
     b, length = ids.shape
+    torch._dynamo.reset()
     total = length + WARM_STEPS + args.repeats * args.steps + 1
     with attn_implementation(model, "sdpa"), torch.no_grad():
         cache = StaticCache(config=model.config, max_cache_len=total)
