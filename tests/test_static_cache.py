@@ -225,8 +225,9 @@ def test_positions_stay_absolute_after_compaction():
 
 
 def test_capacity_overflow_is_one_clear_error():
-    """The NAMM's reference rule has no token budget: a capacity below what it keeps fails at the step that
-    would overflow, naming the layer and the fix, before anything is written."""
+    """A policy that keeps more than the capacity allows (here the full cache, which keeps every token, like
+    the NAMM's reference rule may) fails at the step that would overflow, naming the layer and the fix,
+    before anything is written; a cache already too large fails at load."""
     ad, memory, logits = prefill("llama-gqa", "full")
     cap = max(memory.cache_tokens()) + 5
     decoder = ad.static_decoder(cap).load(memory)
