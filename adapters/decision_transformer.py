@@ -208,10 +208,16 @@ def load_dt(id_or_path: str | os.PathLike, env_name: str | None = None, device: 
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return FileNotFoundError(f"cannot load Decision Transformer {str(id_or_path)!r}: {first}")
 
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # public configs carry GPT-2's bos/eos ids (50256) for a model with no vocabulary
     try:  # the config first: statistics and sizes are checked before any weight is read
         cfg = DecisionTransformerConfig.from_pretrained(str(id_or_path))
     except (OSError, ValueError) as e:
         raise fail(e) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if state_mean is not None or state_std is not None:
         if state_mean is None or state_std is None:
             raise ValueError("pass both state_mean and state_std")

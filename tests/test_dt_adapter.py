@@ -324,3 +324,20 @@ def test_wrong_observation_size_is_one_clear_error():
     adapter = DecisionTransformerAdapter(tiny_dt())
     with pytest.raises(ValueError, match=r"\(17,\)/\(6,\) does not match the model.s state_dim=11/act_dim=3"):
         adapter.rollout([make_env("halfcheetah")], lambda: make_policy("full"), 3600.0, 32, max_steps=2)
+
+
+def test_loading_a_public_style_config_prints_no_token_id_warning(tmp_path, capfd):
+    """Public DT configs carry GPT-2's bos/eos ids (50256) in a model with no vocabulary; transformers 5 warns about
+    them on every load. load_dt reads such a config silently (and our trainer writes None)."""
+    from adapters.decision_transformer import load_dt
+    from train.dt import DTConfig, build_model
+
+    model = tiny_dt()
+    assert model.config.bos_token_id == 50256  # as in the public checkpoints
+    model.save_pretrained(tmp_path / "dt")
+    capfd.readouterr()
+    load_dt(tmp_path / "dt", env_name="hopper")
+    assert "token_id" not in capfd.readouterr().err
+    ours = build_model(DTConfig(env="hopper", hidden=16, layers=1), 11, 3, [0.0] * 11, [1.0] * 11)
+    assert (ours.config.bos_token_id, ours.config.eos_token_id) == (None, None)
+    assert "token_id" not in capfd.readouterr().err

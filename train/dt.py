@@ -160,7 +160,7 @@ def build_model(cfg: DTConfig, state_dim: int, act_dim: int, state_mean, state_s
         # n_positions only sizes wpe, which DT never uses (it feeds position_ids = 0)
         n_inner=4 * cfg.hidden, activation_function="relu", n_positions=3 * cfg.context,
         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, max_ep_len=cfg.max_ep_len,
-        action_tanh=True,
+        action_tanh=True, bos_token_id=None, eos_token_id=None,  # no vocabulary: GPT-2's token ids mean nothing
     )
     mcfg.state_mean = [float(x) for x in state_mean]
     mcfg.state_std = [float(x) for x in state_std]
