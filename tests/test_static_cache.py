@@ -4,7 +4,7 @@ Every run: a left-padded batch of two prompts of different lengths (70 and 50 to
 the video), update every 16 tokens, 40 greedy tokens, so the decode crosses two updates that evict.
 
 Tolerance. Both paths compute in fp32 from the same weights; the static step attends over the whole
-capacity with the free entries masked (their weight is exactly 0), the dynamic one over the live entries
+capacity with the free entries penalised (their weight is exactly 0), the dynamic one over the live entries
 only, so the same sums run in another order. Each attention output then differs by a few fp32 ulps
 (eps = 1.2e-7) of its size; through the layers and the LM head that is ~1e-6 on logits of size ~3
 (measured over every case here: at most 1.5e-6, logits up to 3.5). LOGIT_ATOL = 1e-5 leaves 6x of room,
@@ -160,9 +160,10 @@ def test_tolerance_sees_a_wrong_cache():
     want, _ = dynamic_run("llama-gqa", "recency")
     ad, memory, logits = prefill("llama-gqa", "recency")
     decoder = ad.static_decoder(default_capacity(memory, NEW_TOKENS)).load(memory)
-    for valid in decoder.state.valid:
+    for i, valid in enumerate(decoder.state.valid):
         assert bool(valid[:, :, 0].all())  # recency kept 24 valid entries per row; drop the oldest
         valid[:, :, 0] = False
+        decoder.state.mark(i)
     got = decoder.step(logits.argmax(-1))
     decoder.sync()
     assert (got - want[:, 1]).abs().max() > 100 * LOGIT_ATOL
@@ -220,7 +221,10 @@ def test_positions_stay_absolute_after_compaction():
         assert torch.equal(s.slots[i][:, :, :n], dyn.layers[i].slots)  # absolute fed indices, token order
         assert bool((s.slots[i][:, :, :n].diff(dim=-1) > 0).all())
         assert not bool(s.valid[i][:, :, n:].any()), "entries past the pointer are free"
-        torch.testing.assert_close(s.keys[i][:, :, :n], dyn.cache.layers[i].keys, atol=LOGIT_ATOL, rtol=0)
+        torch.testing.assert_close(s.keys[i][:, :, :n, : s.head_dim], dyn.cache.layers[i].keys, atol=LOGIT_ATOL,
+                                   rtol=0)
+        penalised = s.keys[i][..., s.head_dim] < 0  # the attention's validity: the penalty column
+        assert torch.equal(penalised, ~s.valid[i]) and not bool(s.keys[i][..., s.head_dim + 1 :].any())
     decoder.sync()
 
 

@@ -4,11 +4,14 @@
 eagerly (HF's Python loop and one kernel per op: about 25 ms a step on the H200, issue 22). Here each
 layer owns fixed buffers of `capacity` entries (budget + update interval):
 
-    keys/values (batch, kv_heads, capacity, head_dim), slots and valid (batch, kv_heads, capacity)
+    keys/values (batch, kv_heads, capacity, width), slots and valid (batch, kv_heads, capacity)
 
 and a write pointer per layer. A decode step writes its token's K/V at the pointer (`index_copy_` with a
-device index: no host sync, no new shapes) and attends to every entry with the `valid` mask (free entries
-are invalid), so it compiles once and, on CUDA, replays as a CUDA graph. When an update is due the step
+device index: no host sync, no new shapes) and attends to every entry, so it compiles once and, on CUDA,
+replays as a CUDA graph. Free and invalid entries carry a key penalty instead of a mask: `width` is the
+head dim plus one column (padded to a multiple of 8) that holds 0 for valid entries and -P for the rest,
+and the query gets a 1 there (the memory's penalised flash, `transfer.memory._penalised_causal_sdpa`), so
+mask-free kernels with native GQA run the step and read each KV head's cache once. When an update is due the step
 is followed, eagerly and outside the compiled code, by the memory's own update (`KVMemory._update_layer`:
 same attention slice, same `LayerView`, same policy code as the dynamic path). Its kept entries are then
 copied to the front of the buffers (ascending, so still in token order) and the rest marked free.
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 from transfer.memory import KVMemory
 
 STATIC_ATTN_IMPLEMENTATION = "namm_transfer_static"
-_ALIGN = 16  # capacity rounded up to this: aligned masks for the memory-efficient CUDA kernel
+_ALIGN = 16  # capacity rounded up to this: aligned masks for the memory-efficient CUDA kernel (windowed layers)
 _ACTIVE: StaticKV | None = None  # a plain global, not a ContextVar: dynamo traces reads of globals, not ContextVar.get
 
 
@@ -57,8 +60,8 @@ class StaticKV:
     Every tensor here keeps its address for the decoder's lifetime (CUDA graphs replay on them).
     """
 
-    keys: list[torch.Tensor]  # [(batch, kv_heads, capacity, head_dim)] per layer
-    values: list[torch.Tensor]  # [(batch, kv_heads, capacity, head_dim_v)]
+    keys: list[torch.Tensor]  # [(batch, kv_heads, capacity, width)] per layer: key, penalty column, zeros
+    values: list[torch.Tensor]  # [(batch, kv_heads, capacity, width)]: value, zeros
     slots: list[torch.Tensor]  # [(batch, kv_heads, capacity)] long: fed index of each entry
     valid: list[torch.Tensor]  # [(batch, kv_heads, capacity)] bool: False for free entries and padding
     queries: list[torch.Tensor] | None  # [(batch, q_heads, update_interval, head_dim)] when the policy reads attention
@@ -66,19 +69,30 @@ class StaticKV:
     n_query: torch.Tensor  # (1,) long: queries buffered since the last update
     slot: torch.Tensor  # (1,) long: fed index of the token being decoded
     positions: torch.Tensor  # (batch, 1) long: its position (valid tokens seen by each row)
+    head_dim: int = 0  # d: the keys' own width; column d of `keys` holds 0 (valid) or -P (not)
+    head_dim_v: int = 0
     layer_args: dict[int, tuple[float, int | None]] = field(default_factory=dict)  # layer -> (scaling, window)
 
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
+    def mark(self, layer: int) -> None:
+        """Write the layer's penalty column from `valid`: 0 on valid entries, -P on the rest (eager, at loads
+        and compactions; a step writes 0 with its valid token)."""
+        keys = self.keys[layer]
+        keys[..., self.head_dim] = (~self.valid[layer]).to(keys.dtype) * penalty(keys.dtype)
+
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Any = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the step's K/V (batch, kv_heads, 1, d) at the layer's pointer; return the whole buffers."""
+        """Write the step's K/V (batch, kv_heads, 1, d) at the layer's pointer, zero-padded to the buffers' width
+        (so its penalty column says valid); return the whole buffers."""
         at = self.fill[layer_idx : layer_idx + 1]  # (1,) device index: no host sync
-        self.keys[layer_idx].index_copy_(2, at, key.to(self.keys[layer_idx].dtype))
-        self.values[layer_idx].index_copy_(2, at, value.to(self.values[layer_idx].dtype))
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        width = keys.shape[-1]
+        keys.index_copy_(2, at, F.pad(key.to(keys.dtype), (0, width - key.shape[-1])))
+        values.index_copy_(2, at, F.pad(value.to(values.dtype), (0, width - value.shape[-1])))
         self.valid[layer_idx].index_fill_(2, at, True)
         b, h = key.shape[:2]
         self.slots[layer_idx].index_copy_(2, at, self.slot.view(1, 1, 1).expand(b, h, 1))
@@ -104,9 +118,10 @@ def static_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function of the static step: one query per row over every buffer entry.
 
-    query (batch, q_heads, 1, d), key/value (batch, kv_heads, capacity, d) -> (batch, 1, q_heads, d).
-    Invalid entries (free, padding, a row's evicted surplus) are masked; the window (sliding-window
-    layers) is applied by slot, as the memory's slot mask does.
+    query (batch, q_heads, 1, d), key/value (batch, kv_heads, capacity, width) -> (batch, 1, q_heads, d_v).
+    Invalid entries (free, padding, a row's evicted surplus) get the key penalty (see `penalised_sdpa`),
+    so no mask is built and flash kernels (split over the keys for decode) serve the step. Sliding-window
+    layers also mask by slot, as the memory's slot mask does.
     """
     state = _ACTIVE
     if state is None:
@@ -119,16 +134,39 @@ def static_attention(
         state.layer_args[layer] = (scaling, window)
     if state.queries is not None:
         state.queries[layer].index_copy_(2, state.n_query, query.to(state.queries[layer].dtype))
-    mask = state.valid[layer]  # (batch, kv_heads, capacity)
-    if window is not None:
-        mask = mask & (state.slot - state.slots[layer] < window)
-    return _grouped_sdpa(query, key, value, mask, scaling), None
+    d, width = query.shape[-1], key.shape[-1]
+    one = torch.ones_like(query[..., :1])
+    q = torch.cat([query, one, torch.zeros_like(one).expand(*one.shape[:-1], width - d - 1)], dim=-1)
+    if window is None:
+        out = penalised_sdpa(q, key, value, scaling)
+    else:  # the window depends on the query's slot: a mask (valid & inside), the penalty column changes nothing
+        mask = state.valid[layer] & (state.slot - state.slots[layer] < window)  # (batch, kv_heads, capacity)
+        out = _grouped_sdpa(q, key, value, mask, scaling)
+    return out[..., : state.head_dim_v], None
+
+
+def penalty(dtype: torch.dtype) -> float:
+    """-P: added to an invalid key's logit, its weight underflows to exactly 0 (as the memory's penalised flash)."""
+    return -torch.finfo(dtype).max / 2
+
+
+def penalised_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Decode attention without a mask tensor: the query's column d is 1 and the key's is 0 or -P.
+
+    A valid key's logit gains an exact +0 (the padding columns are zeros), an invalid key's -P * scaling,
+    whose weight is exactly 0 after the softmax; every row sees at least its own (valid) token. So this is
+    masked attention over the valid entries, computed by the mask-free kernels with native GQA (no copy of
+    the cache per step). query (batch, q_heads, 1, width), key/value (batch, kv_heads, capacity, width)
+    -> (batch, 1, q_heads, width).
+    """
+    out = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2)
 
 
 def _grouped_sdpa(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """Decode attention with a per-KV-head key mask, K/V read once per KV head (never expanded to the group).
+    """Decode attention with a per-KV-head key mask (sliding windows), K/V read once per KV head.
 
     With one query per row, a KV head's g query heads are g query rows of one attention over its keys, all
     with the same mask: KV heads fold into the batch and the group into the query length, so no copy of
@@ -262,11 +300,12 @@ class StaticDecoder:
             if n >= self.capacity:
                 raise CapacityError(f"layer {i} already holds {n} entries; the static cache has {self.capacity} "
                                     "(a capacity covers the kept entries plus one update interval of new tokens)")
-            s.keys[i][:, :, :n].copy_(layer.keys)
-            s.values[i][:, :, :n].copy_(layer.values)
+            s.keys[i][:, :, :n, :d].copy_(layer.keys)
+            s.values[i][:, :, :n, : s.head_dim_v].copy_(layer.values)
             s.slots[i][:, :, :n].copy_(st.slots)
             s.valid[i][:, :, :n].copy_(st.valid)
             s.valid[i][:, :, n:].fill_(False)
+            s.mark(i)
             self._fill.append(n)
             self._kept.append(n - st.n_new)
             if s.queries is not None and st.queries:
@@ -285,14 +324,15 @@ class StaticDecoder:
     def _allocate(self, memory: KVMemory, shapes: tuple) -> StaticKV:
         n_layers, b, h, d, dv, dtype, device, needs_queries = shapes
         c = self.capacity
+        width = -(-(max(d, dv) + 1) // 8) * 8  # the penalty column, padded to a multiple of 8 (flash kernels)
         queries = None
         if needs_queries:
             hq = self._query_heads()
             shape = (b, hq, memory.update_interval, d)
             queries = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         s = StaticKV(
-            keys=[torch.zeros(b, h, c, d, dtype=dtype, device=device) for _ in range(n_layers)],
-            values=[torch.zeros(b, h, c, dv, dtype=dtype, device=device) for _ in range(n_layers)],
+            keys=[torch.zeros(b, h, c, width, dtype=dtype, device=device) for _ in range(n_layers)],
+            values=[torch.zeros(b, h, c, width, dtype=dtype, device=device) for _ in range(n_layers)],
             slots=[torch.full((b, h, c), -1, dtype=torch.long, device=device) for _ in range(n_layers)],
             valid=[torch.zeros(b, h, c, dtype=torch.bool, device=device) for _ in range(n_layers)],
             queries=queries,
@@ -300,6 +340,8 @@ class StaticDecoder:
             n_query=torch.zeros(1, dtype=torch.long, device=device),
             slot=torch.zeros(1, dtype=torch.long, device=device),
             positions=torch.zeros(b, 1, dtype=torch.long, device=device),
+            head_dim=d,
+            head_dim_v=dv,
         )
         for t in [*s.keys, *s.values, *s.slots, *s.valid, *(queries or []), s.fill, s.n_query, s.slot, s.positions]:
             torch._dynamo.mark_static_address(t)  # CUDA graphs replay on these addresses; no guard, no recompile
@@ -317,8 +359,8 @@ class StaticDecoder:
         memory, s = self._need_loaded(), self.state
         for i, layer in enumerate(memory.cache.layers):
             n = self._fill[i]
-            layer.keys = s.keys[i][:, :, :n].clone()
-            layer.values = s.values[i][:, :, :n].clone()
+            layer.keys = s.keys[i][:, :, :n, : s.head_dim].clone()
+            layer.values = s.values[i][:, :, :n, : s.head_dim_v].clone()
             st = memory.layers[i]
             st.slots, st.valid = s.slots[i][:, :, :n].clone(), s.valid[i][:, :, :n].clone()
             st.n_new = self._n_query
@@ -408,7 +450,7 @@ class StaticDecoder:
             n, st = self._fill[i], memory.layers[i]
             # contiguous copies of what the policy reads, as the dynamic cache holds them (kernels of the
             # fused update may assume it); values are only gathered
-            key, value = s.keys[i][:, :, :n].contiguous(), s.values[i][:, :, :n]
+            key, value = s.keys[i][:, :, :n, : s.head_dim].contiguous(), s.values[i][:, :, :n, : s.head_dim_v]
             st.slots, st.valid = s.slots[i][:, :, :n].contiguous(), s.valid[i][:, :, :n].contiguous()
             st.queries = [s.queries[i][:, :, : self._n_query]] if s.queries is not None else []
             st.query_slots, st.query_valid, st.n_new = [q_slots], [q_valid], self._n_query
@@ -417,15 +459,17 @@ class StaticDecoder:
             memory._update_layer(i, st, key, value, scaling, window)
             if cache_layer.keys is not key:  # evicted: the kept entries (in token order) move to the front
                 m = cache_layer.keys.shape[2]
-                s.keys[i][:, :, :m].copy_(cache_layer.keys)
-                s.values[i][:, :, :m].copy_(cache_layer.values)
+                s.keys[i][:, :, :m, : s.head_dim].copy_(cache_layer.keys)
+                s.values[i][:, :, :m, : s.head_dim_v].copy_(cache_layer.values)
                 s.slots[i][:, :, :m].copy_(st.slots)
                 s.valid[i][:, :, :m].copy_(st.valid)
                 s.valid[i][:, :, m:].fill_(False)
+                s.mark(i)
                 self._fill[i] = m
             self._kept[i] = self._fill[i]
-            cache_layer.keys = s.keys[i][:, :, : self._fill[i]]  # views until sync(): the gathered copies are freed
-            cache_layer.values = s.values[i][:, :, : self._fill[i]]
+            n = self._fill[i]  # views until sync(): the gathered copies are freed
+            cache_layer.keys = s.keys[i][:, :, :n, : s.head_dim]
+            cache_layer.values = s.values[i][:, :, :n, : s.head_dim_v]
         s.fill.copy_(torch.tensor(self._fill))
         s.n_query.zero_()
         self._n_query, self._q_slots, self._q_valid = 0, [], []
