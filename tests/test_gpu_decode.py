@@ -66,3 +66,22 @@ def test_cudagraph_static_decode_equals_dynamic(name):
         again, _ = decode(adapter, name, "reduce-overhead")
     assert torch.equal(again.argmax(-1), got.argmax(-1))  # its first step is compiled too (the first run's was eager)
     torch.testing.assert_close(again, got, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_static_step_runs_flash_kernels_in_half_precision():
+    """The penalty column lets the bf16 decode step run without a mask tensor: SDPA must pick flash attention
+    (split over the keys for one query), not the masked memory-efficient or math kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    adapter = CausalLMAdapter(tiny_llama(kv_heads=2).to("cuda", torch.bfloat16))
+    ids = torch.randint(0, 97, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    memory = adapter.new_memory(policy("recency"), update_interval=UPDATE)
+    logits = adapter.prefill(memory, ids)
+    decoder = adapter.static_decoder(default_capacity(memory, 8)).load(memory)
+    decoder.step(logits.argmax(-1))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.step(logits.argmax(-1))
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert any("flash" in n.lower() for n in names), f"no flash kernel in the static step: {names}"
+    decoder.sync()
