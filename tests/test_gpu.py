@@ -129,7 +129,7 @@ def test_fused_features_on_cuda_equal_the_slice_path(monkeypatch, dtype):
     inp = fused.AttentionInputs(inp.queries.to(dtype=dtype, **dev), inp.keys.to(dtype=dtype, **dev),
                                 inp.slots.cuda(), inp.valid.cuda(), inp.q_slots.cuda(), inp.q_valid.cuda(), inp.scaling)
     bufs = NAMMBuffers(bufs.context.cuda(), bufs.ema.cuda())
-    monkeypatch.setitem(fused.BLOCK_ELEMENTS, "cuda", 3 * 8 * 64 * 32)  # 32-key blocks
+    monkeypatch.setitem(fused.BLOCK_ELEMENTS, "cuda", 8 * 64 * 32)  # 32-key blocks
     params = NAMMParams.from_flat(random_namm_theta().cuda())
     ref_scores, ref = _unfused(inp, bufs, params, inp.valid)
     scores, got = fused.fused_namm_score(inp, bufs, inp.slots, params, FUSED_NORM, valid=inp.valid)

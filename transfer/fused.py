@@ -10,9 +10,10 @@ carried tail of attention samples. The transient memory is one block of logits, 
 
 A row's softmax normaliser depends on every key, so it is known before the blocks only if the forward's
 attention kernel returned it (`AttentionInputs.lse`, the log-sum-exp flash kernels compute anyway);
-otherwise a first pass over the same blocks computes it (running max and sum of exponentials, as
-torch.softmax does in one row). Numerically the probabilities are exp(logit - max) / sum like the
-softmax's, with the sum accumulated in another order: equal to fp32 rounding, and so are the features.
+otherwise a first pass over the same blocks computes it (per block a max and a sum of exponentials per
+row, then one reduction over the blocks). Numerically the probabilities are exp(logit - max) * (1 / sum)
+like torch.softmax's, with the sum accumulated in another order: equal to fp32 rounding, and so are the
+features (tests/test_fused.py). Without a forward-provided normaliser the logits GEMM runs twice.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from transfer.namm import (
     spectral_ema_chunk,
 )
 
-# logits per block (batch x q_heads x queries x keys): on the CPU small enough for the processor's cache,
-# on CUDA a bound on the transient memory (256 MiB of fp32 logits)
+# logits per block and batch row (q_heads x queries x keys): on the CPU small enough for the processor's
+# cache, on CUDA a bound on the transient memory (256 MiB of fp32 logits per row)
 BLOCK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 19}
 # The default of NAMMPolicy(fused=None), per device type: the fused features or the attention slice + STFT.
 # On the CPU without a forward-provided log-sum-exp the fused path runs the logits GEMM twice; see
@@ -44,7 +45,7 @@ DEFAULT_CONFIG = NAMMConfig()
 # "torch": the blocks above; "triton": transfer/fused_triton.py's one kernel per key tile where it applies
 # (CUDA compiled, CPU tensors in Triton's interpreter), else the torch blocks. Off until measured on a GPU.
 KERNEL = "torch"
-TILE = 32  # keys per partial softmax sum in the first pass; blocks are whole tiles
+TILE = 32  # blocks are a multiple of this many keys
 
 
 @dataclass
@@ -84,9 +85,13 @@ def allowed_keys(slots: Tensor, valid: Tensor, q_slots: Tensor, sliding_window: 
 
 
 def block_keys(inp: AttentionInputs) -> int:
-    """Keys per block: about `BLOCK_ELEMENTS` logits, a whole number of tiles."""
-    b, hq, nq = inp.queries.shape[:3]
-    return max(1, BLOCK_ELEMENTS["cuda" if inp.queries.is_cuda else "cpu"] // (b * hq * nq * TILE)) * TILE
+    """Keys per block: about `BLOCK_ELEMENTS` logits per batch row, a multiple of `TILE`.
+
+    Not divided by the batch size: the first pass's sums then fall in the same blocks whatever the
+    batch, so a row's result does not depend on its batch-mates (the transient memory grows with the batch).
+    """
+    hq, nq = inp.queries.shape[1:3]
+    return max(1, BLOCK_ELEMENTS["cuda" if inp.queries.is_cuda else "cpu"] // (hq * nq * TILE)) * TILE
 
 
 def _masked_logits(inp: AttentionInputs, q: Tensor, k0: int, k1: int, future: Tensor | None) -> Tensor:
@@ -115,30 +120,14 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _tile_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(max, sum of exp(x - max)) over each `TILE` keys of a block, the last tile possibly shorter:
-    x (..., keys) -> two (..., ceil(keys / TILE)) tensors; a tile that sees no key has max -inf, sum 0."""
-    full = x.shape[-1] // TILE * TILE
-    parts = [x[..., :full].unflatten(-1, (full // TILE, TILE))] if full else []
-    if full < x.shape[-1]:
-        parts.append(x[..., full:, None].transpose(-1, -2))  # (..., 1, remainder)
-    maxima, sums = [], []
-    for t in parts:
-        m = t.amax(-1, keepdim=True)
-        maxima.append(m.squeeze(-1))
-        m = m.masked_fill(m == float("-inf"), 0.0)  # exp(-inf - 0) = 0 for a tile that sees nothing
-        sums.append((t - m).exp_().sum(-1))
-    return torch.cat(maxima, -1), torch.cat(sums, -1)
-
-
 def _normaliser(inp: AttentionInputs, q: Tensor, step: int, future: Tensor | None) -> tuple[Tensor, Tensor]:
     """(shift, inverse sum) per query row, (batch, kv_heads, g, n_q, 1) fp32: p = exp(logit - shift) * inv.
 
-    From the forward's log-sum-exp when given (inv 1), else a first pass over the key blocks. Each block
-    reduces its logits to a max and a sum of exponentials per `TILE` keys, and one reduction over all the
-    tiles gives the row's max and sum: so the result depends neither on the block size nor, since that
-    depends on the batch size, on a row's batch-mates (bit for bit). Rows that see no key (padding
-    queries) get inv 0, so their probabilities are 0 (the slice's nan_to_num).
+    From the forward's log-sum-exp when given (inv 1), else a first pass over the key blocks: each block
+    gives a max and a sum of exponentials per row, and one reduction over the blocks gives the row's. The
+    block size does not depend on the batch size (`block_keys`), so a row's normaliser, bit for bit, does
+    not depend on its batch-mates. Rows that see no key (padding queries) get inv 0, so their
+    probabilities are 0 (the slice's nan_to_num).
     """
     b, h, g, nq, _ = q.shape
     acc = _accumulation_dtype(q.dtype)
@@ -147,14 +136,16 @@ def _normaliser(inp: AttentionInputs, q: Tensor, step: int, future: Tensor | Non
         seen = torch.isfinite(lse)
         return lse.masked_fill(~seen, 0.0), seen.to(acc)
     nk = inp.keys.shape[2]
-    stats = [_tile_stats(_masked_logits(inp, q, k0, min(k0 + step, nk), future).to(acc))
-             for k0 in range(0, nk, step)]
-    tile_max = torch.cat([m for m, _ in stats], -1)  # (batch, kv_heads, g, n_q, tiles)
-    tile_sum = torch.cat([t for _, t in stats], -1)
-    m = tile_max.amax(-1, keepdim=True)
+    maxima, sums = [], []
+    for k0 in range(0, nk, step):
+        x = _masked_logits(inp, q, k0, min(k0 + step, nk), future).to(acc)  # (batch, kv_heads, g, n_q, keys)
+        m = x.amax(-1, keepdim=True)
+        maxima.append(m)
+        sums.append(x.sub_(m.masked_fill(m == float("-inf"), 0.0)).exp_().sum(-1, keepdim=True))
+    block_max, block_sum = torch.cat(maxima, -1), torch.cat(sums, -1)  # (batch, kv_heads, g, n_q, blocks)
+    m = block_max.amax(-1, keepdim=True)
     shift = m.masked_fill(m == float("-inf"), 0.0)
-    scale = torch.exp(tile_max - shift)  # 0 for tiles that see nothing
-    s = (tile_sum * scale).sum(-1, keepdim=True)
+    s = (block_sum * torch.exp(block_max - shift)).sum(-1, keepdim=True)  # blocks that see nothing: 0
     return shift, torch.where(s > 0, 1.0 / s, 0.0)
 
 
