@@ -321,3 +321,17 @@ def test_compiled_static_step_equals_eager_and_never_recompiles(policy):
         got = greedy(logits, decoder.step)
     decoder.sync()
     assert_same_decode(got, eager)
+
+
+@pytest.mark.skipif(_compile_unavailable() is not None, reason=str(_compile_unavailable()))
+@pytest.mark.parametrize("model", ["qwen2-gqa", "gpt2", "llava-next-video"])
+def test_every_decoding_family_compiles_in_one_graph(model):
+    """The static step of each decoding family compiles with fullgraph=True (no graph break) and decodes as
+    the dynamic path does across two evictions (Llama: the test above)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    policy = "namm" if model == "llava-next-video" else "recency"
+    want, _ = dynamic_run(model, policy)
+    got, *_ = static_run(model, policy, compile=True)
+    assert_same_decode(got, want)
