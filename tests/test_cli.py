@@ -158,7 +158,8 @@ def _run_cli(*args: str) -> tuple[float, subprocess.CompletedProcess]:
 
 @pytest.mark.parametrize("argv", [["--help"], ["eval", "lm", "--help"], ["eval", "rl", "--help"],
                                   ["eval", "video", "--help"], ["eval", "--help"],
-                                  ["evolve", "--help"]])
+                                  ["evolve", "--help"], ["train", "dt", "--help"], ["train", "lm", "--help"],
+                                  ["train", "video", "--help"]])
 def test_help_imports_nothing_heavy_and_is_fast(argv):
     """`--help` must answer in under a second on the 2-core CPU. Importing torch alone takes 2-5 s there,
     so the check that cannot flake is that no heavy module is imported at all; the timing bound is
@@ -316,3 +317,24 @@ def test_third_party_chatter_is_filtered_once(monkeypatch):
         warnings.warn("Please use the new API settings to control TF32 behavior", UserWarning, stacklevel=1)
         warnings.warn("something the user must see", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something the user must see"]
+
+
+def test_trainer_options_come_from_one_parser():
+    """`train dt|lm|video --help` reads the same parser the trainer parses with (train/options.py): the
+    defaults the trainer resolves after parsing (device, split sizes) and DTConfig's return scale agree."""
+    import torch
+
+    from adapters.decision_transformer import DEFAULT_SCALE
+    from tasks import long_video
+    from train import dt, lm, video
+    from train.options import DTConfig
+
+    assert DTConfig().return_scale == DEFAULT_SCALE
+    cfg = dt.parse_args(["--data", "d.hdf5", "--out", "o", "--context", "20", "--save-dtype", "float16"])
+    assert (cfg.context, cfg.save_dtype, cfg.return_scale) == (20, "float16", DEFAULT_SCALE)
+    args = video.parse_args(["--out", "o"])
+    assert (args.val_videos, args.test_videos) == (long_video.SPLIT_SIZE["val"], long_video.SPLIT_SIZE["test"])
+    assert args.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert lm.parse_args(["--out", "o", "--device", "cpu"]).device == "cpu"
+    with pytest.raises(SystemExit):
+        lm.parse_args(["--out", "o", "--tasks", "nope"])

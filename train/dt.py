@@ -35,54 +35,18 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from adapters.decision_transformer import DEFAULT_SCALE, load_dt, normalize_state, rollout_sliding_window_batch
+from adapters.decision_transformer import load_dt, normalize_state, rollout_sliding_window_batch
 from envs.d4rl import Dataset, d4rl_normalized_score, normalized_score, select_observations
 from envs.minari_data import load_dataset
 from envs.mujoco import check_model, check_obs, get_spec
+from train.options import TARGET_RULES, DTConfig, dt_parser  # noqa: F401  (re-exported)
 from transfer.options import Parser
-
-
-@dataclass
-class DTConfig:
-    data: str = ""  # D4RL-format hdf5, Minari dataset folder, or local Minari dataset id
-    env: str = ""  # default: the dataset's environment
-    out: str = "runs/dt"
-    minari_root: str = ""  # where Minari ids are looked up (default $MINARI_DATASETS_PATH or ~/.minari/datasets)
-    version: str = "v5"
-    context: int = 64  # K steps; the model sees 3K tokens (R, s, a)
-    hidden: int = 128
-    layers: int = 3
-    heads: int = 1
-    dropout: float = 0.1
-    max_ep_len: int = 1000
-    return_scale: float = DEFAULT_SCALE
-    target_return: float | None = None  # given: used as is; else by target_rule
-    target_rule: str = "paper"  # paper: the DT paper's per-env target; data-max: best episode return in the data
-    obs: str = "full"  # observation variant (envs.mujoco.OBS_VARIANTS): "pos" drops the velocities
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    warmup: int = 500
-    grad_clip: float = 0.25
-    seed: int = 0
-    device: str = "cpu"
-    threads: int = 0  # 0: torch default
-    log_every: int = 50
-    ckpt_every: int = 500  # resume checkpoint interval (steps)
-    max_minutes: float = 0.0  # >0: stop early (and save) once training has run this long
-    eval_episodes: int = 0  # >0: evaluate with rollout_sliding_window after training (needs gymnasium)
-    eval_max_steps: int = 1000
-    # float16: the shipped weights are rounded to half precision (half the repository's size per agent); the final
-    # evaluation and every later one use exactly the rounded weights (loaded back in float32, rolled out in float64)
-    save_dtype: str = "float32"
-
 
 # ----------------------------------------------------------------------------- preprocessing
 
@@ -138,7 +102,6 @@ class TrajectorySampler:
 # ----------------------------------------------------------------------------- model I/O
 
 
-TARGET_RULES = ("paper", "data-max")
 
 
 def target_return(cfg: DTConfig, data: Dataset) -> float:
@@ -394,29 +357,7 @@ def save_run(model, rows: list[dict], summary: dict, out: Path, partial: Path | 
 
 
 def parse_args(argv: list[str] | None = None) -> DTConfig:
-    d = DTConfig()
-    p = Parser(prog="namm-transfer train dt", description=__doc__.split("\n\n")[0])  # one-line errors
-    p.add_argument("--data", required=True,
-                   help="D4RL-format hdf5, a Minari dataset folder, or a local Minari dataset id (no download)")
-    p.add_argument("--env", default="", help="hopper | halfcheetah | walker2d (default: the dataset's)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--minari-root", default="", help="root of local Minari datasets (default: $MINARI_DATASETS_PATH "
-                                                     "or ~/.minari/datasets)")
-    for name in ("version", "context", "hidden", "layers", "heads", "dropout", "max_ep_len", "return_scale",
-                 "target_return", "steps", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "seed",
-                 "device", "threads", "log_every", "ckpt_every", "max_minutes", "eval_episodes", "eval_max_steps"):
-        default = getattr(d, name)
-        typ = float if name == "target_return" else type(default)
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=default)
-    p.add_argument("--target-rule", default=d.target_rule, choices=TARGET_RULES,
-                   help="without --target-return: paper = the DT paper's per-env target, data-max = the best "
-                        "episode return in the training data")
-    p.add_argument("--save-dtype", default=d.save_dtype, choices=("float32", "float16"),
-                   help="float16: ship half-precision weights (half the size); the final evaluation already uses them")
-    p.add_argument("--obs", default=d.obs, choices=("full", "pos"),
-                   help="observation variant: pos = positions only (velocities removed; see envs/mujoco.py)")
-    a = p.parse_args(argv)
-    return DTConfig(**vars(a))
+    return DTConfig(**vars(dt_parser().parse_args(argv)))
 
 
 def evaluate_dir(path: str | os.PathLike, episodes: int, max_steps: int, seed: int = 100) -> dict:

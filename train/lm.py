@@ -42,56 +42,11 @@ from tasks.synthetic import (
     make_training_sequence,
     score,
 )
-from transfer.options import Parser
+from train.options import lm_parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = Parser(prog="namm-transfer train lm", description=__doc__.split("\n")[0])  # one-line errors
-    p.add_argument("--out", required=True, help="directory for the final model + tokenizer + logs")
-    p.add_argument("--ckpt-dir", default=None, help="checkpoint directory (default OUT/ckpt)")
-    p.add_argument("--resume", action="store_true", help="continue from --ckpt-dir if it holds a checkpoint")
-    p.add_argument("--init-from", default=None,
-                   help="start from these weights (HF model dir or model.pt) with a fresh optimiser; "
-                        "with --state-from, also continue that run's step/stage/schedule")
-    p.add_argument("--state-from", default=None, help="state.json to continue (with --init-from)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS),
-                   help=f"training formats: {', '.join(TASKS)} and training-only {', '.join(TRAIN_ONLY_TASKS)}")
-    # model
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=512)
-    p.add_argument("--rope-theta", type=float, default=1e5)
-    p.add_argument("--max-positions", type=int, default=8192)
-    # optimisation
-    p.add_argument("--steps", type=int, default=20000, help="schedule length in steps")
-    p.add_argument("--train-minutes", type=float, default=0.0, help="schedule length in minutes (0: steps)")
-    p.add_argument("--max-minutes", "--stop-minutes", dest="stop_minutes", type=float, default=0.0,
-                   help="stop this invocation after N minutes (0: no limit)")
-    p.add_argument("--batch-tokens", type=int, default=65536,
-                   help="tokens per step per process (batch = this // length)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr-frac", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    # curriculum
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
-    p.add_argument("--advance-acc", type=float, default=0.9, help="macro answer-token accuracy to lengthen")
-    p.add_argument("--min-stage-steps", type=int, default=200)
-    p.add_argument("--max-stage-steps", type=int, default=3000, help="lengthen anyway after this many steps")
-    p.add_argument("--replay", type=float, default=0.25, help="probability of a shorter, earlier length")
-    # bookkeeping
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--workers", type=int, default=0, help="data worker processes (per training process)")
-    p.add_argument("--eval-lengths", type=int, nargs="*", default=[1024, 2048, 4096])
-    p.add_argument("--eval-n", type=int, default=50)
-    p.add_argument("--eval-seed", type=int, default=1234, help="validation seed (never the held-out test seed)")
-    p.add_argument("--save-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p = lm_parser()
     args = p.parse_args(argv)
     bad = [t for t in args.tasks if t not in TASKS and t not in TRAIN_ONLY_TASKS]
     if bad:
@@ -102,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--lengths must be increasing and >= 128")
     if args.state_from and not args.init_from:
         p.error("--state-from needs --init-from")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return args
 
 

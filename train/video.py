@@ -51,7 +51,7 @@ from adapters.llava_next_video import (
 from tasks import long_video as lv
 from tasks.synth_video import COLORS, COUNT_OPTIONS, QUESTIONS, SIZE, make_questions, render, sample_spec
 from tasks.video_bench import LETTERS, LVB_POST_PROMPT, MLVU_POST_PROMPT, lvb_prompt
-from transfer.options import Parser
+from train.options import video_parser
 
 TOKENS_PER_FRAME = (SIZE // PATCH) ** 2 // 4  # 2x2 average pooling of the patch grid
 
@@ -300,54 +300,10 @@ def stage_at(stages: list, step: int) -> tuple[tuple[int, ...], list[int]]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(prog="namm-transfer train video",
-               description="Train the tiny LLaVA-NeXT-Video model on synthetic video QA.")
-    p.add_argument("--out", required=True, help="output dir: model + processor + metrics + PROVENANCE.md")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps; 0 = fit into --max-minutes")
-    p.add_argument("--max-minutes", type=float, default=0.0, help="minutes of training (0 = no limit)")
-    p.add_argument("--time-budget", type=float, default=None, help=argparse.SUPPRESS)  # the old name, in seconds
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--frames", default="32,64", help="frame counts drawn per batch, comma separated")
-    p.add_argument("--stages", default="", help="curriculum qtypes/frames/steps;... (overrides --steps/--frames)")
-    p.add_argument("--frame-budget", type=int, default=0,
-                   help="frames per batch (videos = budget // frames, constant cost across lengths); 0 = --batch")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=7, help="training seed (eval set uses tasks/synth_video's 1234)")
-    p.add_argument("--text-layers", type=int, default=4)
-    p.add_argument("--text-hidden", type=int, default=128)
-    p.add_argument("--vision-hidden", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--eval-dir", default="", help="LongVideoBench-layout held-out set to score at the end")
-    p.add_argument("--eval-npz", default="", help="pre-decoded frames of --eval-dir (see decode_frames_npz)")
-    p.add_argument("--eval-frames", default="",
-                   help="frame counts for the final eval, comma separated (default: 32; --task long: one count, 128)")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint for --resume every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
-    p.add_argument("--init", default="", help="start from the weights of a model dir saved by this script")
-    p.add_argument("--task", choices=("synth", "long"), default="synth",
-                   help="synth: the 32-frame task of the shipped tiny model (tasks/synth_video.py); long: the "
-                        "64-128-frame task whose questions need the whole video (tasks/long_video.py, issue 19)")
-    g = p.add_argument_group("--task long")
-    g.add_argument("--curriculum", default=LONG_CURRICULUM,
-                   help="lengths/frames/steps;... video lengths, sampled frames (0 = every frame, -2 = half) and "
-                        "steps per stage; the last stage runs until --steps")
-    g.add_argument("--workers", type=int, default=0, help="data-loader processes rendering the training stream")
-    g.add_argument("--eval-every", type=int, default=500, help="validation (model selection) every N steps")
-    g.add_argument("--warmup", type=int, default=200)
-    g.add_argument("--aux-weight", type=float, default=0.2,
-                   help="weight of the auxiliary loss: each frame's last video token predicts the colour on "
-                        "screen (dense supervision that shortens the uniform-answer plateau; 0 = off)")
-    g.add_argument("--vision-layers", type=int, default=2)
-    g.add_argument("--heads", type=int, default=4)
-    g.add_argument("--kv-heads", type=int, default=2)
-    g.add_argument("--val-videos", type=int, default=lv.SPLIT_SIZE["val"])
-    g.add_argument("--test-videos", type=int, default=lv.SPLIT_SIZE["test"])
-    g.add_argument("--recency-budget", type=float, default=0.25, help="the memory-matters check's recency budget")
-    g.add_argument("--export", default="", help="copy the model (tar.gz), split state, log and metrics here ($OUT)")
-    g.add_argument("--resume-from", default="", help="folder holding train_state.pt or its .partNN pieces")
-    g.add_argument("--eval-only", action="store_true", help="only the final test evaluation of <out>/model")
-    args = p.parse_args(argv)
+    args = video_parser().parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.val_videos = lv.SPLIT_SIZE["val"] if args.val_videos is None else args.val_videos
+    args.test_videos = lv.SPLIT_SIZE["test"] if args.test_videos is None else args.test_videos
     if args.time_budget is None:  # one name for every time cap: --max-minutes
         args.time_budget = 60 * args.max_minutes
     return args
@@ -464,7 +420,6 @@ def main(argv: list[str] | None = None) -> dict:
 LONG_PATCH = 7
 LONG_TPF = (lv.SIZE // LONG_PATCH) ** 2 // 4  # 36 video tokens a frame
 LONG_CONTEXT = 8192
-LONG_CURRICULUM = "32/0/300;48,64/0/600;64,80,96,112,128/-2,0,64,128/0"
 LONG_EVAL_FRAMES = 128
 STATE_PART_BYTES = 15 * 2**20  # $OUT takes files up to 16 MiB
 

@@ -57,7 +57,8 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
 class Command:
     """A leaf command. `arguments` and `run` are 'module:function' names, imported only when this command
     is the one asked for; `arguments` lives in a module without torch, so `--help` stays instant.
-    `own_parser`: the trainer parses its own options (run gets the remaining argv)."""
+    `own_parser`: the trainer parses its own options (run gets the remaining argv); `arguments` is then a
+    function returning that parser, which answers `--help` without importing the trainer."""
 
     help: str
     run: str
@@ -85,10 +86,12 @@ COMMANDS: dict[str, Any] = {
                       "train.options:add_evolve_arguments"),
     "train": {
         "_help": "train the small shipped models (`train <what> --help` for options)",
-        "lm": Command("the source LM on synthetic long-context tasks", "train.lm:main", own_parser=True),
-        "dt": Command("a Decision Transformer from a D4RL hdf5 / Minari dataset", "train.dt:main", own_parser=True),
-        "video": Command("the tiny LLaVA-NeXT-Video model on synthetic video QA", "train.video:main",
-                         own_parser=True),
+        "lm": Command("the source LM on synthetic long-context tasks", "train.lm:main", "train.options:lm_parser",
+                      own_parser=True),
+        "dt": Command("a Decision Transformer from a D4RL hdf5 / Minari dataset", "train.dt:main",
+                      "train.options:dt_parser", own_parser=True),
+        "video": Command("the LLaVA-NeXT-Video models on synthetic video QA", "train.video:main",
+                         "train.options:video_parser", own_parser=True),
     },
     "reproduce": Command("every domain on the embedded defaults -> report (tables, plots)", "eval.reproduce:run",
                          "eval.reproduce:add_arguments"),
@@ -157,7 +160,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         chosen = len(path) > depth and path[depth] == name
         if isinstance(node, Command):
             p = sub.add_parser(name, help=node.help, description=node.help)
-            if chosen and node.arguments:
+            if chosen and node.arguments and not node.own_parser:  # a trainer: its own parser
                 _load(node.arguments)(p)
             p.set_defaults(command=node)
             return
@@ -291,8 +294,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     path, command = selected(argv)
-    if command is not None and command.own_parser:  # `train lm ...`: the trainer parses the rest, --help included
-        args = argparse.Namespace(command=command, rest=argv[len(path):])
+    if command is not None and command.own_parser:  # `train lm ...`: the trainer parses the rest
+        rest = argv[len(path):]
+        if command.arguments and {"-h", "--help"} & set(rest) and rest[:1] != ["eval"]:
+            _load(command.arguments)().parse_args(rest)  # prints the help and exits, no torch imported
+        args = argparse.Namespace(command=command, rest=rest)
     else:
         args = build_parser(argv).parse_args(argv)
         command = args.command
