@@ -14,6 +14,7 @@ and then greedily decodes --steps tokens:
     namm-fast   the same with the BAM's attention in fp16 (`precision="fast"`; CUDA only)
     namm-fused  `namm` with the fused features (transfer/fused.py: no attention slice; `fused=True`), and
     namm-fast-fused  the same for `namm-fast`: the closing lines print fused / unfused overhead ratios
+    namm-triton / namm-fast-triton  the fused runs with transfer/fused_triton.py's kernel (CUDA, Triton)
     eager-namm  the reference path: every layer runs eager attention (bf16 logits, fp32 softmax cast back)
                 and the NAMM reads those probabilities, buffered per chunk, instead of our attention slice
     recency     our memory keeping the newest tokens at the same budget: no policy computation
@@ -39,6 +40,8 @@ from transformers import DynamicCache, LlamaConfig
 from adapters.base import install_memory_attention
 from adapters.causal_lm import CausalLMAdapter
 from bench.common import LLAMA3_8B, LLAMA_CPU_SMALL, random_llama, sync
+from transfer import fused as fused_module
+from transfer import fused_triton
 from transfer.memory import KVMemory, _LayerState, _slot_mask
 from transfer.policies.full import FullCache
 from transfer.policies.namm import NAMMPolicy
@@ -48,7 +51,7 @@ PRESETS = {
     "cpu-small": dict(config=LLAMA_CPU_SMALL, lengths=[2048], runs="native,full,namm,namm-fused,eager-namm,recency",
                       dtype="float32", device="cpu"),
     "gpu-7b": dict(config=LLAMA3_8B, lengths=[8192, 32768, 65536],
-                   runs="native,full,namm,namm-fused,namm-fast,namm-fast-fused,eager-namm,recency",
+                   runs="native,full,namm,namm-fused,namm-triton,namm-fast,namm-fast-fused,namm-fast-triton,eager-namm,recency",
                    dtype="bfloat16", device="cuda"),
 }
 CHUNK = 512
@@ -161,11 +164,20 @@ def one_run(model, adapter: CausalLMAdapter, name: str, ids: torch.Tensor, args,
         return run_ours(adapter, ids, FullCache(), args.steps, device)
     if name == "recency":
         return run_ours(adapter, ids, Recency(budget=args.kept), args.steps, device)
-    if name in ("namm", "namm-fast", "namm-fused", "namm-fast-fused", "eager-namm"):
-        if "fast" in name and device != "cuda":
+    if name in ("namm", "namm-fast", "namm-fused", "namm-fast-fused", "namm-triton", "namm-fast-triton", "eager-namm"):
+        if ("fast" in name or "triton" in name) and device != "cuda":
+            return None
+        if name.endswith("-triton") and not fused_triton.available():
+            print(f"{name}: skipped, Triton is not installed", flush=True)
             return None
         policy = NAMMPolicy.from_checkpoint(budget=args.kept, precision="fast" if "fast" in name else "fp32",
-                                            fused=name.endswith("-fused"))
+                                            fused=name.endswith(("-fused", "-triton")))
+        if name.endswith("-triton"):
+            kernel, fused_module.KERNEL = fused_module.KERNEL, "triton"
+            try:
+                return run_ours(adapter, ids, policy, args.steps, device)
+            finally:
+                fused_module.KERNEL = kernel
         return run_ours(adapter, ids, policy, args.steps, device, EagerPathMemory if name == "eager-namm" else KVMemory)
     raise SystemExit(f"unknown run {name!r}")
 
@@ -178,7 +190,10 @@ def main() -> None:
     p.add_argument("--kept", type=float, default=0.25, help="the NAMM's budget, as a fraction of tokens seen")
     p.add_argument("--steps", type=int, default=32, help="greedy decode steps timed after the prefill")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1: fair timings on a busy host)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     device, dtype = preset["device"], getattr(torch, preset["dtype"])
     if device == "cuda" and not torch.cuda.is_available():
@@ -235,15 +250,15 @@ def print_table(rows: list[dict], length: int) -> None:
               f"{r['cache_tokens']:>7} {'' if peak is None else f'{peak / 2**30:.2f}':>8} "
               f"{'' if ratio is None else f'{ratio:.3f}':>14}")
     eager = overhead("eager-namm")
-    for name in ("namm", "namm-fast", "namm-fused", "namm-fast-fused"):
+    for name in ("namm", "namm-fast", "namm-fused", "namm-fast-fused", "namm-triton", "namm-fast-triton"):
         ours = overhead(name)
         if eager is not None and ours is not None:
             print(f"NAMM overhead, eager path / {name}: {eager / max(ours, 1e-9):.2f}x")
-    for name in ("namm", "namm-fast"):  # issue 22: the fused features against the slice, same run
-        if name in by and name + "-fused" in by:
-            fused, plain = by[name + "-fused"], by[name]
-            ratio = None if base is None else overhead(name + "-fused") / max(overhead(name), 1e-9)
-            print(f"{name}-fused / {name}: update time {fused['update_s'] / max(plain['update_s'], 1e-9):.3f}, "
+    for name, suffix in (("namm", "-fused"), ("namm-fast", "-fused"), ("namm", "-triton"), ("namm-fast", "-triton")):
+        if name in by and name + suffix in by:  # issue 22: the fused features against the slice, same run
+            fused, plain = by[name + suffix], by[name]
+            ratio = None if base is None else overhead(name + suffix) / max(overhead(name), 1e-9)
+            print(f"{name}{suffix} / {name}: update time {fused['update_s'] / max(plain['update_s'], 1e-9):.3f}, "
                   f"prefill {fused['prefill_s'] / plain['prefill_s']:.3f}"
                   + ("" if ratio is None else f", overhead vs recency {ratio:.3f}")
                   + ("" if "peak_bytes" not in fused else f", peak {fused['peak_bytes'] / plain['peak_bytes']:.3f}"))
