@@ -11,10 +11,12 @@ device index: no host sync, no new shapes) and attends to every entry, so it com
 replays as a CUDA graph. Free and invalid entries carry a key penalty instead of a mask: `width` is the
 head dim plus one column (padded to a multiple of 8) that holds 0 for valid entries and -P for the rest,
 and the query gets a 1 there (the memory's penalised flash, `transfer.memory._penalised_causal_sdpa`), so
-mask-free kernels with native GQA run the step and read each KV head's cache once. When an update is due the step
-is followed, eagerly and outside the compiled code, by the memory's own update (`KVMemory._update_layer`:
-same attention slice, same `LayerView`, same policy code as the dynamic path). Its kept entries are then
-copied to the front of the buffers (ascending, so still in token order) and the rest marked free.
+mask-free kernels with native GQA run the step and read each KV head's cache once.
+
+When an update is due the step is followed, eagerly and outside the compiled code, by the memory's own
+update (`KVMemory._update_layer`: same attention slice, same `LayerView`, same policy code as the dynamic
+path). Its kept entries are then copied to the front of the buffers (ascending, so still in token order)
+and the rest marked free.
 Positions stay absolute: keys keep the rotation they were written with, `slots` keep each entry's fed
 index, and the next token's position is the row's count of valid tokens seen, as in `Adapter.feed`.
 
@@ -23,7 +25,7 @@ state and buffered queries, and `sync()` hands everything back, so after a stati
 what the dynamic decode would have left (same slots and validity, K/V equal to float rounding).
 
 Exactness against the dynamic path: the step's attention runs over `capacity` keys with invalid ones
-masked (weight exactly 0) instead of over the live ones, so logits agree to float rounding (the sums run
+penalised (weight exactly 0) instead of over the live ones, so logits agree to float rounding (the sums run
 in another order), not bit for bit; the policy update is the same code on the same live entries.
 `tests/test_static_cache.py` checks tokens and logits against the dynamic path.
 
@@ -417,7 +419,7 @@ class StaticDecoder:
                 f"must cover the kept entries plus update_interval={memory.update_interval} (the policy's budget "
                 "sets the first; a policy without a token budget may keep every token)")
         fn = self._step_fn()
-        cudagraphs = self.compile == "reduce-overhead" and tokens.is_cuda
+        cudagraphs = self.compile in ("reduce-overhead", "max-autotune") and tokens.is_cuda  # modes with CUDA graphs
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         _ACTIVE = s
