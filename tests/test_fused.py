@@ -252,3 +252,22 @@ def test_policy_switch_and_stacking():
     assert default.fused_on(torch.device("cpu")) == fused.FUSED["cpu"]
     assert not stackable([a, NAMMPolicy(random_namm_theta(1), NORM, fused=False)])
     assert NAMMStack.from_policies([a, NAMMPolicy(random_namm_theta(1), NORM, fused=True)], [1, 1]).fused
+
+
+def test_statistics_pass_collects_the_same_norm_fused_or_not(monkeypatch):
+    """collect_norm (the reference's statistics pass) merges the fused path's EMA like the slice path's; and
+    fused=None follows `fused.FUSED` for the device."""
+    model = tiny_llama()
+    ids = _ids(2, 96, seed=6)
+    norms = []
+    for flag in (False, None):
+        monkeypatch.setitem(fused.FUSED, "cpu", flag is None)  # None: the module default, switched on here
+        policy = NAMMPolicy(random_namm_theta(), collect_norm=True, fused=flag)
+        assert policy.fused_on(torch.device("cpu")) == (flag is None)
+        _run(model, policy, ids)
+        norms.append(policy.norm)
+    assert norms[0].count == norms[1].count > 0
+    # the merged EMA rows differ by a few fp32 ulps (module docstring): relative 1e-5 on the mean, and the
+    # variance, a difference of such sums, 1e-4
+    torch.testing.assert_close(norms[1].mean, norms[0].mean, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(norms[1].var, norms[0].var, rtol=1e-4, atol=1e-14)
