@@ -194,8 +194,11 @@ def bench_length(preset: dict, n_keys: int, repeats: int, only: set[str] | None 
         if device == "cuda":  # transient memory of the stage beyond what was allocated before it
             row[name + "_mem"] = torch.cuda.max_memory_allocated() - base
     for new, old in RATIOS:  # side by side: alternate the two, so that load on a shared host hits both alike
-        if new in row and old in row:
-            row[f"{new}/{old}"] = interleaved_ratio(stages[new], stages[old], device, repeats)
+        if new in row and old in row and row[new] == row[new] and row[old] == row[old]:  # neither ran out of memory
+            try:
+                row[f"{new}/{old}"] = interleaved_ratio(stages[new], stages[old], device, repeats)
+            except torch.OutOfMemoryError:
+                row[f"{new}/{old}"] = float("nan")
     return row
 
 
