@@ -271,3 +271,23 @@ def test_statistics_pass_collects_the_same_norm_fused_or_not(monkeypatch):
     # variance, a difference of such sums, 1e-4
     torch.testing.assert_close(norms[1].mean, norms[0].mean, rtol=1e-5, atol=1e-12)
     torch.testing.assert_close(norms[1].var, norms[0].var, rtol=1e-4, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["causal", "ragged", "window", "first"])
+def test_bf16_probabilities_round_like_the_slice(kind):
+    """In bf16 both paths round logits and probabilities to bf16 (HF eager's precision, which feeds the
+    reference). A probability whose fp32 value differs in the last bits may round to the neighbouring bf16
+    value (one bf16 ulp, 2^-8 relative), so a feature may move by at most about eps_bf16 x its scale; measured
+    here: 0 (window, first) or 7.6e-6 against features up to 0.3. The decisions must be equal."""
+    inp, bufs = _case(kind, torch.bfloat16)
+    bufs = None if bufs is None else NAMMBuffers(bufs.context.float(), bufs.ema.float())
+    valid = None if kind == "causal" else inp.valid
+    params = NAMMParams.from_flat(random_namm_theta())
+    ref_scores, ref = _unfused(inp, bufs, params, valid)
+    scores, got = fused_namm_score(inp, bufs, inp.slots, params, NORM, valid=valid)
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(got.ema, ref.ema, rtol=0, atol=eps * float(ref.ema.abs().max()))
+    torch.testing.assert_close(got.context, ref.context, rtol=0, atol=eps * float(ref.context.abs().max()))
+    for max_keep in (None, 60):
+        kept, ref_kept = (select_keep(s, valid, 0.0, max_keep)[0] for s in (scores, ref_scores))
+        assert torch.equal(kept, ref_kept)
