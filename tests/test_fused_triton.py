@@ -27,7 +27,7 @@ def test_in_the_interpreter():
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "5 passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
+    assert "7 passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
 
 
 @interpreted
@@ -36,6 +36,20 @@ def test_interpreted_kernel_equals_torch_blocks(monkeypatch, kind):
     """Features to fp32 rounding (test_fused's rule), scores to its score tolerance, the same decisions."""
     inp, bufs = _case(kind)
     _compare(monkeypatch, inp, bufs, kind)
+
+
+@interpreted
+@pytest.mark.parametrize("kind", ["ragged", "first"])
+def test_interpreted_normaliser_kernel_equals_the_first_pass(monkeypatch, kind):
+    """The normaliser kernel's log-sum-exp equals fused.py's first pass to fp32 rounding (-inf where a row
+    sees no key: the left padding of 'first')."""
+    inp, _ = _case(kind)
+    ref = fused.attention_lse(inp)
+    monkeypatch.setattr(fused, "KERNEL", "triton")
+    got = fused.attention_lse(inp)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)) and bool(torch.isinf(ref).any()) == (kind == "first")
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(got[fin], ref[fin], rtol=1e-6, atol=1e-6)
 
 
 @interpreted

@@ -172,9 +172,9 @@ def test_fused_memory_on_cuda_keeps_the_slice_paths_tokens():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernel_on_cuda_equals_torch_blocks(monkeypatch, dtype):
-    """transfer/fused_triton.py compiled: features equal fused.py's torch blocks (fp32: test_fused's rule, IEEE
-    products; bf16: both round logits and probabilities to bf16, so within a bf16 rounding), and with a
-    forward-provided log-sum-exp too."""
+    """transfer/fused_triton.py compiled (normaliser and features kernels): features equal fused.py's torch
+    blocks (fp32: test_fused's rule, IEEE products; bf16: both round logits and probabilities to bf16, so
+    within a bf16 rounding), and with a forward-provided log-sum-exp too."""
     pytest.importorskip("triton")
     from test_fused import _case, _close
 

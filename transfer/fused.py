@@ -135,6 +135,11 @@ def _normaliser(inp: AttentionInputs, q: Tensor, step: int, future: Tensor | Non
         lse = inp.lse.to(acc).reshape(b, h, g, nq, 1)
         seen = torch.isfinite(lse)
         return lse.masked_fill(~seen, 0.0), seen.to(acc)
+    if KERNEL == "triton":
+        from transfer import fused_triton
+
+        if fused_triton.supported(inp, DEFAULT_CONFIG):
+            return fused_triton.normaliser(inp)
     nk = inp.keys.shape[2]
     maxima, sums = [], []
     for k0 in range(0, nk, step):

@@ -7,7 +7,8 @@ heads' logits against the tile's keys, masked as the slice masks them, exp(logit
 the normaliser, rounded to the model's dtype like the slice's, GQA mean, padding queries zero) stay in
 registers, each STFT frame is two hops times the windowed DFT basis (as matrix products), and its
 magnitudes go straight into the EMA accumulator. Only the features (bins) and the tail (last hop) of
-each key are written. The normaliser comes from the forward (log-sum-exp) or from fused.py's first pass.
+each key are written. The normaliser comes from the forward (log-sum-exp) or, without it, from a second
+kernel (`normaliser`: per 16 query rows an online max and sum over the keys, as a flash forward keeps).
 
 Supported: the memory's ordered cache (invalid keys and the queries' own block masked; no sliding window)
 and the released STFT geometry (n_fft = 2 * hop, hop = 16). Anything else stays on the torch path.
@@ -98,19 +99,75 @@ def _features_kernel(
     tl.store(tail_ptr + (bh * NK + keys[None, :]) * 16 + j[:, None], prev, mask=key_in[None, :])
 
 
-_COMPILED: dict[bool, Any] = {}
+def _normaliser_kernel(
+    q_ptr, k_ptr, valid_ptr, shift_ptr, inv_ptr, NQ, NK, D,
+    H: tl.constexpr, G: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Program (16 queries, batch row x query head): the softmax normaliser of each query row, online over
+    BLOCK-key tiles (running max, rescaled sum): shift = max (0 if the row sees no key), inv = 1 / sum (0)."""
+    qb = tl.program_id(0)
+    bq = tl.program_id(1)  # b * (H * G) + query head
+    bh = bq // G  # its KV head's row: b * H + h
+    rows = qb * 16 + tl.arange(0, 16)
+    dims = tl.arange(0, D_PAD)
+    qt = tl.load(q_ptr + (bq * NQ + rows[:, None]) * D + dims[None, :], mask=dims[None, :] < D, other=0.0)
+    m = tl.full((16,), float("-inf"), tl.float32)
+    s = tl.zeros((16,), dtype=tl.float32)
+    first_new = NK - NQ
+    for k0 in range(0, NK, BLOCK):
+        keys = k0 + tl.arange(0, BLOCK)
+        key_in = keys < NK
+        kt = tl.load(k_ptr + (bh * NK + keys[None, :]) * D + dims[:, None],
+                     mask=key_in[None, :] & (dims[:, None] < D), other=0.0)
+        x = tl.dot(qt, kt, input_precision=PREC)  # (16, BLOCK)
+        if HALF:
+            x = x.to(qt.dtype).to(tl.float32)
+        ok = tl.load(valid_ptr + bh * NK + keys, mask=key_in, other=0) != 0
+        allowed = ok[None, :] & key_in[None, :] & ((keys[None, :] - first_new) <= rows[:, None])
+        x = tl.where(allowed, x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - base) + tl.sum(tl.exp(x - base[:, None]), axis=1)
+        m = m_new
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    tl.store(shift_ptr + bq * NQ + rows, shift)
+    tl.store(inv_ptr + bq * NQ + rows, tl.where(s > 0, 1.0 / s, 0.0))
 
 
-def _kernel(interpret: bool) -> Any:
+_COMPILED: dict[tuple[str, bool], Any] = {}
+
+
+def _kernel(interpret: bool, fn: Any = None) -> Any:
     """The compiled kernel (CUDA) or the interpreted one (CPU tensors), built once each."""
-    if interpret not in _COMPILED:
+    fn = _features_kernel if fn is None else fn
+    key = (fn.__name__, interpret)
+    if key not in _COMPILED:
         if interpret:
             from triton.runtime.interpreter import InterpretedFunction
 
-            _COMPILED[interpret] = InterpretedFunction(_features_kernel)
+            _COMPILED[key] = InterpretedFunction(fn)
         else:
-            _COMPILED[interpret] = triton.jit(_features_kernel)
-    return _COMPILED[interpret]
+            _COMPILED[key] = triton.jit(fn)
+    return _COMPILED[key]
+
+
+def normaliser(inp: Any) -> tuple[Tensor, Tensor]:
+    """(shift, inv) (batch, kv_heads, g, n_q, 1) fp32, as `fused._normaliser`'s first pass gives them, in one
+    kernel: each query row's running max and rescaled sum over the keys, tile by tile (a flash forward's
+    statistics; a row's result depends only on its own queries and keys)."""
+    q = (inp.queries * inp.scaling).contiguous()
+    b, hq, nq, d = q.shape
+    h, nk = inp.keys.shape[1], inp.keys.shape[2]
+    shift = torch.empty(b, hq, nq, device=q.device, dtype=torch.float32)
+    inv = torch.empty_like(shift)
+    _kernel(not q.is_cuda, _normaliser_kernel)[(nq // HOP, b * hq)](
+        q, inp.keys.contiguous(), inp.valid.to(torch.int8).contiguous(), shift, inv, nq, nk, d,
+        H=h, G=hq // h, D_PAD=max(16, 1 << math.ceil(math.log2(d))), BLOCK=64,
+        HALF=q.dtype in (torch.float16, torch.bfloat16), PREC="ieee" if q.dtype == torch.float32 else None,
+    )
+    shape = (b, h, hq // h, nq, 1)
+    return shift.view(shape), inv.view(shape)
 
 
 def _basis(device: torch.device) -> Tensor:
