@@ -154,9 +154,16 @@ def test_fused_features_on_cuda_equal_the_slice_path(monkeypatch, dtype):
     close(ema_lse, got.ema)
 
 
-def test_fused_memory_on_cuda_keeps_the_slice_paths_tokens():
-    """End to end in fp32 on CUDA: the fused switch changes no kept token and no output."""
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_fused_memory_on_cuda_keeps_the_slice_paths_tokens(monkeypatch, kernel):
+    """End to end in fp32 on CUDA: the fused switch (torch blocks or the Triton kernels) changes no kept token
+    and no output."""
+    from transfer import fused
     from transfer.policies.namm import NAMMPolicy as Policy
+
+    if kernel == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setattr(fused, "KERNEL", kernel)
 
     norm = NormStats(mean=torch.full((17,), 0.01), var=torch.full((17,), 1e-4), count=100)
     model = tiny_llama(layers=3).cuda()
