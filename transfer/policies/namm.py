@@ -75,7 +75,7 @@ class NAMMPolicy(ScoredPolicy):
             norm = NormStats(mean=torch.zeros(n_bins), var=torch.ones(n_bins), count=1)
         else:
             norm = self.norm
-        device = view.keys.device
+        device = view.keys.device if view.attn is None else view.attn.device
         valid = None if view.all_valid else view.valid
         half = torch.float16 if self.precision == "fast" and device.type == "cuda" else None
         inputs = getattr(view, "inputs", None)  # an InputsView when the memory followed `fused_on`
