@@ -16,7 +16,7 @@
 # the GPU, e.g. `EMBEDDED=1 DOMAINS=video CONTROLS=5 STOP=8 bash bench/rehearsal_gpu.sh` for issue 19's 500 questions.
 # DOMAINS (default lm,rl,video) is passed to --domains.
 # TINY=1 writes the tiny stand-ins instead (a CPU check of this script). Carry .whl-rl (gymnasium + mujoco for the rl
-# domain, as train/rl_gpu.sh does).
+# domain, as train/rl_gpu.sh does; `bash train/make_carried.sh` builds it).
 set -uo pipefail
 STANDINS=${STANDINS:-runs/standins}
 RUN=${RUN:-runs/rehearsal}

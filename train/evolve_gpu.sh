@@ -2,7 +2,7 @@
 # Issue 17 on one H200 (kind nvidia-h200): population speed -> fitness noise -> three evolution seeds side by side,
 # in back-to-back commands of at most 9.5 minutes (send each within the machine's 30 s idle window, or runs/ is gone;
 # a run that left through $OUT resumes anywhere: carry its evo-runs.tgz as FROM). From the repo root, carrying .whl-evo
-# (the cma wheel: `pip download --no-deps cma==4.5.0 -d .whl-evo`) and, to resume, the folder holding evo-runs.tgz:
+# (the cma wheel: `bash train/make_carried.sh` makes it) and, to resume, the folder holding evo-runs.tgz:
 #   1. bash train/evolve_gpu.sh start    = bench (BENCH_S) + noise (NOISE_S) + evolve for what is left of EVO_MIN
 #   2. bash train/evolve_gpu.sh evolve   again and again: every seed resumes where it stopped; then `pack`
 # Phases:
