@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 18 on one H200 (kind nvidia-h200, 16 cores) in ONE warm lease: SAC-family experts -> D4RL-style datasets ->
 # Decision Transformers -> their evaluation, in three back-to-back commands of at most 9.5 minutes each (send each
-# Before the first call: `bash train/make_carried.sh` (builds .whl-rl/site.tar.xz: gymnasium + mujoco for the GPU).
-# within 30 s of the last, or the machine and runs/ are gone), from the repo root, carrying the wheels:
+# within 30 s of the last, or the machine and runs/ are gone), from the repo root, carrying .whl-rl
+# (`bash train/make_carried.sh` builds it: gymnasium + mujoco packed for the GPU machine's Python):
 #   1. bash train/rl_gpu.sh sac      TQC on hopper, halfcheetah, walker2d side by side for SAC_MIN (8.6) minutes
 #   2. bash train/rl_gpu.sh sac      the same command again: resumes bit-exactly from runs/rl-gpu/sac/<env>-s0/ckpt
 #   3. bash train/rl_gpu.sh finish   = data, dt, eval, pack (about 8 minutes; each phase can also be run alone)
