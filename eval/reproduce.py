@@ -62,7 +62,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 _QUICK = f"full,namm,namm-sink,namm-random,h2o,l2,namm@{SWEEP.replace(',', ',namm@')}"
-POLICIES = {"quick": _QUICK, "full": _QUICK + ",snapkv,streaming,recency,random"}
+# recency@0.25 in every preset: the memory-matters check (full minus a 25 % recency cache) of every domain
+POLICIES = {"quick": _QUICK + ",recency@0.25", "full": _QUICK + ",snapkv,streaming,recency,random"}
 BUDGETS = {"quick": "match", "full": f"match,{SWEEP}"}
 BASELINES = ["h2o@match", "snapkv@match", "l2@match", "streaming@match", "recency@match", "random@match"]
 MAIN_ROWS = ["full", "namm", "namm-random@match", *BASELINES]

@@ -126,7 +126,7 @@ def test_reproduce_config_runs_every_domain_end_to_end(standins, tmp_path):
     results = json.loads((report / "results.json").read_text())
     assert set(results) == {"lm", "rl", "video"}
     labels = {"full", "namm", "namm-sink", "namm-random@match", "h2o@match", "l2@match", "namm@0.25", "namm@0.5",
-              "namm@0.75"}
+              "namm@0.75", "recency@0.25"}
     assert {p.split("@")[0] for p in POLICIES["quick"].split(",")} == {x.split("@")[0] for x in labels}
     config_values = json.loads(config.read_text())
     for domain in ("lm", "rl", "video"):  # each table states the schedule its domain ran with
